@@ -1,0 +1,221 @@
+"""The `goalstream` command: one subcommand per job (CONTRACT 6)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import structlog
+
+from goalstream import log as logsetup
+from goalstream.errors import ConfigError, GoalstreamError
+from goalstream.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: getattr(args, key, None)
+        for key in (
+            "redis_url",
+            "database_url",
+            "group",
+            "consumer",
+            "batch_size",
+            "metrics_port",
+            "admin_host",
+            "admin_port",
+            "log_format",
+            "log_level",
+        )
+    }
+    streams = getattr(args, "streams", None)
+    if streams:
+        overrides["streams"] = tuple(s.strip() for s in streams.split(",") if s.strip())
+    return Settings.from_env(**overrides)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.migrate import migrate
+
+    applied = asyncio.run(migrate(settings.database_url))
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.metrics import Metrics
+    from goalstream.worker import Worker
+
+    async def main() -> None:
+        metrics = Metrics(process=True)
+        worker = Worker(settings, metrics)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop.set)
+        if settings.metrics_port:
+            from goalstream.health import serve_metrics
+
+            serve_metrics(worker, settings.metrics_port)
+        await worker.run(burst=args.burst)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from goalstream.events import encode_event
+
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--data is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--data must be a JSON object")
+    occurred = datetime.fromisoformat(args.occurred_at) if args.occurred_at else None
+    try:
+        body = encode_event(
+            args.type,
+            event_id=args.id or uuid.uuid4().hex,
+            tenant_id=uuid.UUID(args.tenant),
+            contact_id=uuid.UUID(args.contact),
+            data=data,
+            occurred_at=occurred,
+        )
+    except ValueError as exc:  # msgspec.ValidationError is a ValueError
+        raise ConfigError(str(exc)) from None
+    stream = stream_for_type(settings, args.type)
+    client = redis.Redis.from_url(settings.redis_url)
+    entry_id = client.xadd(stream, {"data": body})
+    print(f"{stream} {entry_id.decode()}")
+    return 0
+
+
+def stream_for_type(settings: Settings, event_type: str) -> str:
+    """The configured stream an event type is published to: the one named after the type."""
+    for stream in settings.streams:
+        if stream == event_type or stream.endswith((":" + event_type, "." + event_type)):
+            return stream
+    return event_type
+
+
+def _not_built(name: str) -> Handler:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        print(f"goalstream {name}: not built yet in this version", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="GOALSTREAM_REDIS_URL")
+    p.add_argument("--database-url", help="GOALSTREAM_DATABASE_URL")
+    p.add_argument("--streams", help="GOALSTREAM_STREAMS: comma-separated stream keys")
+    p.add_argument("--group", help="GOALSTREAM_GROUP")
+    p.add_argument("--log-format", choices=["json", "console"], help="GOALSTREAM_LOG_FORMAT")
+    p.add_argument("--log-level", help="GOALSTREAM_LOG_LEVEL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="goalstream",
+        description="Goal tracking for workflow automation on Redis Streams and PostgreSQL.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="apply unapplied SQL migrations")
+    _common(p)
+    p.set_defaults(handler=cmd_migrate)
+
+    p = sub.add_parser("worker", help="consume the event streams until SIGTERM/SIGINT")
+    _common(p)
+    p.add_argument("--burst", action="store_true", help="drain what is there, then exit 0")
+    p.add_argument("--consumer", help="GOALSTREAM_CONSUMER: this worker's name in the group")
+    p.add_argument("--batch-size", type=int, help="GOALSTREAM_BATCH_SIZE")
+    p.add_argument("--metrics-port", type=int, help="GOALSTREAM_METRICS_PORT (0: off)")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("admin", help="serve the admin HTTP API")
+    _common(p)
+    p.add_argument("--host", dest="admin_host", help="GOALSTREAM_ADMIN_HOST")
+    p.add_argument("--port", dest="admin_port", type=int, help="GOALSTREAM_ADMIN_PORT")
+    p.set_defaults(handler=_not_built("admin"))
+
+    p = sub.add_parser("replay", help="run a range of a stream through evaluation (backfill)")
+    _common(p)
+    p.add_argument("--stream")
+    p.add_argument("--start")
+    p.add_argument("--end")
+    p.add_argument("--tenant")
+    p.add_argument("--workflow")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(handler=_not_built("replay"))
+
+    p = sub.add_parser("publish", help="add one event to its stream")
+    _common(p)
+    p.add_argument("--type", required=True, help="event type, e.g. contact.tag.added")
+    p.add_argument("--tenant", required=True, help="tenant UUID")
+    p.add_argument("--contact", required=True, help="contact UUID")
+    p.add_argument("--data", required=True, help='the event\'s data as JSON, e.g. {"tag": "vip"}')
+    p.add_argument("--id", help="event id (default: a random one)")
+    p.add_argument("--occurred-at", help="RFC 3339 time with offset (default: now)")
+    p.set_defaults(handler=cmd_publish)
+
+    p = sub.add_parser("create-api-key", help="print a new admin API key for a tenant")
+    _common(p)
+    p.add_argument("--tenant", required=True)
+    p.set_defaults(handler=_not_built("create-api-key"))
+
+    p = sub.add_parser("dlq", help="list and requeue dead-lettered entries")
+    _common(p)
+    p.set_defaults(handler=_not_built("dlq"))
+
+    p = sub.add_parser("trim", help="trim streams by age, never dropping unprocessed entries")
+    _common(p)
+    p.add_argument("--keep-days", type=float)
+    p.set_defaults(handler=_not_built("trim"))
+
+    p = sub.add_parser("bench", help="benchmark against the Redis ceiling and the naive design")
+    _common(p)
+    p.add_argument("--json", dest="json_path")
+    p.set_defaults(handler=_not_built("bench"))
+
+    p = sub.add_parser("dev", help="local stack on embedded or given servers, with a demo")
+    _common(p)
+    p.add_argument("--demo-events", type=int, default=0)
+    p.add_argument("--exit-after-demo", action="store_true")
+    p.set_defaults(handler=_not_built("dev"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `goalstream` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"goalstream: {exc}", file=sys.stderr)
+        return 2
+    logsetup.configure(settings.log_format, settings.log_level)
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except GoalstreamError as exc:
+        structlog.get_logger("goalstream").error(str(exc))
+        print(f"goalstream: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The write side: one set-based PostgreSQL statement per batch, atomic by itself.
+
+Given the (event, goal) matches of a batch, the statement finds each match's eligible
+enrolments, exits enrolments for `exit` goals (only those still active, the first event in
+batch order winning), cancels their pending actions and wait steps, inserts achievements
+`ON CONFLICT DO NOTHING`, and writes one outbox row per new achievement, which is announced
+after the commit. Processing the same batch twice writes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from goalstream.events import Decoded
+from goalstream.goals import Goal
+
+# One statement, so one round trip and one implicit transaction. The CTEs run once each, and
+# the data-modifying ones see the same snapshot: `exited` decides which exits happen (its
+# UPDATE re-checks `status = 'active'` under row locks, so two workers cannot both exit one
+# enrolment) and everything after it keys off what `exited` returned.
+COMMIT_BATCH = """
+WITH ev AS (
+    SELECT * FROM unnest($1::int[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[],
+                         $6::text[], $7::text[], $8::text[])
+        AS ev(ord, tenant_id, contact_id, occurred_at, event_id, trigger_event, stream, entry_id)
+), cand AS (
+    SELECT * FROM unnest($9::int[], $10::uuid[]) AS cand(ord, goal_id)
+), matched AS (
+    SELECT ev.ord, g.id AS goal_id, g.goal_type, g.mode, g.workflow_id, e.id AS enrollment_id,
+           ev.tenant_id, ev.contact_id, ev.occurred_at, ev.event_id, ev.trigger_event,
+           ev.stream, ev.entry_id
+    FROM cand
+    JOIN ev USING (ord)
+    JOIN workflow_goals g
+      ON g.id = cand.goal_id AND g.tenant_id = ev.tenant_id
+     AND g.is_active AND g.deleted_at IS NULL
+    JOIN workflows w ON w.id = g.workflow_id AND w.tenant_id = g.tenant_id AND w.is_active
+    JOIN workflow_enrollments e
+      ON e.contact_id = ev.contact_id AND e.workflow_id = g.workflow_id
+     AND e.tenant_id = ev.tenant_id AND e.status = 'active'
+     AND ev.occurred_at >= e.enrolled_at
+     AND (g.conversion_window_seconds IS NULL
+          OR ev.occurred_at <= e.enrolled_at + make_interval(secs => g.conversion_window_seconds))
+), first_exit AS (
+    SELECT DISTINCT ON (enrollment_id) enrollment_id, ord, goal_id
+    FROM matched WHERE mode = 'exit'
+    ORDER BY enrollment_id, ord, goal_id
+), exited AS (
+    UPDATE workflow_enrollments e
+       SET status = 'exited', exit_reason = 'goal_achieved', exited_at = now()
+      FROM first_exit f
+     WHERE e.id = f.enrollment_id AND e.status = 'active'
+    RETURNING e.id
+), cancelled AS (
+    UPDATE workflow_pending_actions p
+       SET status = 'cancelled', cancel_reason = 'goal_achieved', cancelled_at = now()
+      FROM exited x
+     WHERE p.enrollment_id = x.id AND p.status = 'pending'
+    RETURNING p.enrollment_id
+), cancel_counts AS (
+    SELECT enrollment_id, count(*)::int AS n FROM cancelled GROUP BY enrollment_id
+), winners AS (
+    -- measure goals met up to and including the enrolment's exit event, and the exit itself
+    SELECT DISTINCT ON (m.enrollment_id, m.goal_id) m.*
+    FROM matched m LEFT JOIN first_exit f USING (enrollment_id)
+    WHERE (m.mode = 'measure' AND (f.ord IS NULL OR m.ord <= f.ord))
+       OR (m.mode = 'exit' AND m.goal_id = f.goal_id AND m.ord = f.ord
+           AND m.enrollment_id IN (SELECT id FROM exited))
+    ORDER BY m.enrollment_id, m.goal_id, m.ord
+), inserted AS (
+    INSERT INTO workflow_goal_achievements AS a
+        (workflow_id, workflow_enrollment_id, contact_id, goal_config_id, tenant_id, goal_type,
+         achieved_at, trigger_event, metadata)
+    SELECT workflow_id, enrollment_id, contact_id, goal_id, tenant_id, goal_type,
+           occurred_at, trigger_event::jsonb,
+           jsonb_build_object('mode', mode, 'event_id', event_id, 'stream', stream,
+                              'entry_id', entry_id, 'recorded_at', now())
+    FROM winners
+    ON CONFLICT (workflow_enrollment_id, goal_config_id) DO NOTHING
+    RETURNING a.id, a.tenant_id, a.contact_id, a.workflow_id, a.workflow_enrollment_id,
+              a.goal_config_id, a.goal_type, a.achieved_at, a.metadata
+), outbox AS (
+    INSERT INTO goalstream_outbox (achievement_id, payload)
+    SELECT i.id, jsonb_build_object(
+               'id', i.id, 'type', 'workflow.goal.achieved', 'tenant_id', i.tenant_id,
+               'contact_id', i.contact_id, 'workflow_id', i.workflow_id,
+               'enrollment_id', i.workflow_enrollment_id, 'goal_id', i.goal_config_id,
+               'goal_type', i.goal_type, 'mode', i.metadata->>'mode',
+               'achieved_at', i.achieved_at, 'trigger_event_id', i.metadata->>'event_id',
+               'cancelled_actions', COALESCE(c.n, 0))::text
+    FROM inserted i LEFT JOIN cancel_counts c ON c.enrollment_id = i.workflow_enrollment_id
+    RETURNING id, payload
+), published AS (
+    DELETE FROM goalstream_outbox WHERE id = ANY($11::bigint[])
+)
+SELECT o.id, o.payload, (SELECT count(*) FROM exited)::int AS exits,
+       (SELECT count(*) FROM cancelled)::int AS cancelled
+FROM outbox o
+UNION ALL
+SELECT NULL, NULL, (SELECT count(*) FROM exited)::int, (SELECT count(*) FROM cancelled)::int
+"""
+
+DELETE_PUBLISHED = "DELETE FROM goalstream_outbox WHERE id = ANY($1::bigint[])"
+
+
+class Announcement(msgspec.Struct, frozen=True):
+    """An outbox row: an achievement to publish, and the row to delete once it is."""
+
+    outbox_id: int
+    payload: str
+
+
+class CommitResult(msgspec.Struct, frozen=True):
+    """What one batch's statement wrote."""
+
+    announcements: list[Announcement]
+    exits: int
+    cancelled: int
+
+
+EMPTY = CommitResult([], 0, 0)
+
+
+class BatchArrays(msgspec.Struct):
+    """The statement's parameters: one row per event that has a match, one per match."""
+
+    ords: list[int]
+    tenants: list[uuid.UUID]
+    contacts: list[uuid.UUID]
+    occurred: list[datetime]
+    event_ids: list[str]
+    triggers: list[str]
+    streams: list[str]
+    entry_ids: list[str]
+    cand_ords: list[int]
+    cand_goals: list[uuid.UUID]
+
+
+def batch_arrays(events: Sequence[Decoded], matches: Sequence[tuple[int, Goal]]) -> BatchArrays:
+    """Lay the matches out as the columns `COMMIT_BATCH` unnests."""
+    arrays = BatchArrays([], [], [], [], [], [], [], [], [], [])
+    seen: set[int] = set()
+    for position, goal in matches:
+        arrays.cand_ords.append(position)
+        arrays.cand_goals.append(goal.id)
+        if position in seen:
+            continue
+        seen.add(position)
+        decoded = events[position]
+        event = decoded.event
+        arrays.ords.append(position)
+        arrays.tenants.append(event.tenant_id)
+        arrays.contacts.append(event.contact_id)
+        arrays.occurred.append(decoded.occurred_at)
+        arrays.event_ids.append(event.id)
+        arrays.triggers.append((decoded.entry.data or b"{}").decode())
+        arrays.streams.append(decoded.entry.stream)
+        arrays.entry_ids.append(decoded.entry.entry_id)
+    return arrays
+
+
+async def commit_batch(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    events: Sequence[Decoded],
+    matches: Sequence[tuple[int, Goal]],
+    published: Sequence[int] = (),
+) -> CommitResult:
+    """Write a batch's effects in one statement; also delete outbox rows already published."""
+    if not matches:
+        if published:
+            await conn.execute(DELETE_PUBLISHED, list(published))
+        return EMPTY
+    a = batch_arrays(events, matches)
+    rows = await conn.fetch(
+        COMMIT_BATCH,
+        a.ords,
+        a.tenants,
+        a.contacts,
+        a.occurred,
+        a.event_ids,
+        a.triggers,
+        a.streams,
+        a.entry_ids,
+        a.cand_ords,
+        a.cand_goals,
+        list(published),
+    )
+    announcements = [Announcement(r[0], r[1]) for r in rows if r[0] is not None]
+    last = rows[-1]
+    return CommitResult(announcements, last[2], last[3])

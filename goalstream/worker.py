@@ -1,0 +1,406 @@
+"""`goalstream worker`: read a batch, decode, evaluate, commit, then acknowledge and announce.
+
+    XREADGROUP ──▶ decode (msgspec) ──▶ evaluate (in-memory index) ──▶ one SQL statement
+         ▲                                                                   │ commit
+         └──────────── XACK + dead letters + XADD workflow.goal.achieved ◀───┘
+
+Nothing is acknowledged before its effects are committed. A server that fails is retried with
+backoff, holding the batch, until it answers or the worker is told to stop; a batch whose
+statement fails for a reason of its own is split, and the entries that fail alone are
+dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from goalstream import constants
+from goalstream.cache import GoalCache
+from goalstream.consumer import StreamConsumer
+from goalstream.errors import TransientError
+from goalstream.evaluate import evaluate
+from goalstream.events import Decoded, Entry, EventDecoder, Invalid
+from goalstream.goals import Goal
+from goalstream.metrics import Metrics
+from goalstream.settings import Settings
+from goalstream.sink import (
+    DELETE_PUBLISHED,
+    Announcement,
+    CommitResult,
+    commit_batch,
+)
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# Outbox rows published but not yet deleted are deleted with the next batch's statement, or
+# on their own once this many have piled up or the streams go idle.
+_PUBLISHED_FLUSH = 1000
+# How often the worker relays orphaned outbox rows and samples the group's backlog.
+_HOUSEKEEPING_SECONDS = 5.0
+
+
+def compute_backoff(attempt: int, *, base: float = 0.1, cap: float = 10.0) -> float:
+    """Exponential backoff with full jitter: a random delay in [0, min(cap, base * 2^attempt)]."""
+    return random.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+def classify(exc: BaseException) -> str:
+    """'transient' (retry the same work), 'entry' (the data is at fault) or 'fatal'."""
+    if isinstance(exc, TransientError | OSError | TimeoutError | RedisConnectionError):
+        return "transient"
+    if isinstance(exc, RedisTimeoutError | asyncpg.InterfaceError):
+        return "transient"
+    if isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.SerializationError
+        | asyncpg.DeadlockDetectedError
+        | asyncpg.QueryCanceledError
+        | asyncpg.AdminShutdownError
+        | asyncpg.LockNotAvailableError,
+    ):
+        return "transient"
+    if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
+        return "entry"
+    if isinstance(exc, RedisError | asyncpg.PostgresError):
+        # Schema missing, permissions, and the like: not the entry's fault, and not fixed by
+        # dead-lettering it. Hold the batch and retry; an operator has to act.
+        return "transient"
+    return "fatal"
+
+
+class Worker:
+    """One consumer in the group, with its cache, its connections and its metrics."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stop = asyncio.Event()
+        self.decoder = EventDecoder()
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=max(5.0, settings.block_ms / 1000 + 5)
+        )
+        self.consumer = StreamConsumer(self.redis, settings)
+        self.cache = GoalCache(
+            settings.database_url, self.metrics, refresh_seconds=settings.cache_refresh_seconds
+        )
+        self.pool: asyncpg.Pool | None = None
+        self._published: list[int] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready = False
+        self.processed = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to both servers, create the groups, and load the goal cache."""
+        self.pool = await self._retry(
+            "postgres", lambda: asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4)
+        )
+        await self._retry("redis", self.consumer.ensure_groups)
+        await self._retry("postgres", self.cache.start)
+        self.ready = True
+        self.metrics.ready.set(1)
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        log.info(
+            "worker started",
+            consumer=self.consumer.name,
+            group=self.settings.group,
+            streams=list(self.settings.streams),
+            goals=len(self.cache.index),
+        )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.cache.close()
+        if self._published and self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.execute(DELETE_PUBLISHED, self._published)
+        if self.pool is not None:
+            await self.pool.close()
+        await self.redis.aclose()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Consume until `stop` is set; with `burst`, until the streams are drained."""
+        await self.start()
+        try:
+            while not self.stop.is_set():
+                block = None if burst else self.settings.block_ms
+                entries = await self._retry("redis", lambda: self.consumer.read(block))
+                if entries is None:
+                    break
+                if entries:
+                    await self.process(entries)
+                    continue
+                await self._flush_published()
+                if burst and self.consumer.caught_up:
+                    break
+        finally:
+            await self.close()
+            log.info("worker stopped", consumer=self.consumer.name, processed=self.processed)
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def process(self, entries: Sequence[Entry]) -> bool:
+        """Process one batch end to end; False if the worker was stopped before it settled."""
+        batch_id = uuid.uuid4().hex[:12]
+        bound = log.bind(batch_id=batch_id, entries=len(entries))
+        self.metrics.batch_size.observe(len(entries))
+        valid, invalid = self.decoder.decode_batch(entries)
+        self._count_received(valid, invalid)
+        started = time.perf_counter()
+        matches = evaluate(valid, self.cache.index)
+        self.metrics.evaluations.inc(len(valid))
+        outcome = await self._commit(valid, matches, bound)
+        if outcome is None:
+            return False
+        result, failed = outcome
+        committed_at = time.time()
+        self.metrics.evaluation_latency.observe(time.perf_counter() - started)
+        dead = invalid + failed
+        settled = await self._retry(
+            "redis", lambda: self.consumer.settle(entries, dead, result.announcements)
+        )
+        if settled is None and self.stop.is_set():
+            return False
+        self._published.extend(a.outbox_id for a in result.announcements)
+        self._record(entries, valid, dead, result, matches, committed_at, bound)
+        return True
+
+    async def _commit(
+        self,
+        events: list[Decoded],
+        matches: list[tuple[int, Goal]],
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> tuple[CommitResult, list[Invalid]] | None:
+        """Commit the batch's effects; on an error of the data's own, isolate the culprits."""
+        published = self._published if matches else []
+        try:
+            result = await self._retry(
+                "postgres", lambda: self._commit_once(events, matches, published)
+            )
+        except _EntryError as exc:
+            bound.warning("batch failed; retrying its events one by one", error=exc.reason)
+            return await self._commit_each(events, matches)
+        if result is None:
+            return None
+        if published:
+            self._published = []
+        return result, []
+
+    async def _commit_once(
+        self, events: list[Decoded], matches: list[tuple[int, Goal]], published: list[int]
+    ) -> CommitResult:
+        assert self.pool is not None
+        try:
+            return await commit_batch(self.pool, events, matches, published)
+        except Exception as exc:
+            if classify(exc) == "entry":
+                raise _EntryError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def _commit_each(
+        self, events: list[Decoded], matches: list[tuple[int, Goal]]
+    ) -> tuple[CommitResult, list[Invalid]] | None:
+        announcements: list[Announcement] = []
+        exits = cancelled = 0
+        failed: list[Invalid] = []
+        by_event: dict[int, list[Goal]] = {}
+        for position, goal in matches:
+            by_event.setdefault(position, []).append(goal)
+        for position, goals in by_event.items():
+            one = [events[position]]
+            pairs = [(0, g) for g in goals]
+            try:
+                result = await self._retry(
+                    "postgres",
+                    lambda one=one, pairs=pairs: self._commit_once(one, pairs, []),  # type: ignore[misc]
+                )
+            except _EntryError as exc:
+                failed.append(Invalid(events[position].entry, f"processing failed: {exc.reason}"))
+                continue
+            if result is None:
+                return None
+            announcements += result.announcements
+            exits += result.exits
+            cancelled += result.cancelled
+        return CommitResult(announcements, exits, cancelled), failed
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _count_received(self, valid: list[Decoded], invalid: list[Invalid]) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for d in valid:
+            key = (d.entry.stream, d.event.type_name)
+            counts[key] = counts.get(key, 0) + 1
+        for i in invalid:
+            key = (i.entry.stream, "invalid")
+            counts[key] = counts.get(key, 0) + 1
+        for (stream, event_type), n in counts.items():
+            self.metrics.events_received.labels(stream, event_type).inc(n)
+
+    def _record(
+        self,
+        entries: Sequence[Entry],
+        valid: list[Decoded],
+        dead: list[Invalid],
+        result: CommitResult,
+        matches: list[tuple[int, Goal]],
+        committed_at: float,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.processed += len(entries)
+        m = self.metrics
+        for entry in entries:
+            m.end_to_end_latency.observe(max(0.0, committed_at - entry.millis / 1000))
+        for invalid in dead:
+            m.dead_letters.labels(_reason_label(invalid.reason)).inc()
+            bound.warning(
+                "entry dead-lettered",
+                stream=invalid.entry.stream,
+                entry_id=invalid.entry.entry_id,
+                reason=invalid.reason,
+            )
+        if result.announcements:
+            by_type: dict[str, int] = {}
+            for a in result.announcements:
+                goal_type = _goal_type_of(a.payload)
+                by_type[goal_type] = by_type.get(goal_type, 0) + 1
+            for goal_type, n in by_type.items():
+                m.achievements.labels(goal_type).inc(n)
+            m.announcements.inc(len(result.announcements))
+        m.exits.inc(result.exits)
+        m.cancelled_actions.inc(result.cancelled)
+        bound.debug(
+            "batch committed",
+            valid=len(valid),
+            matches=len(matches),
+            achievements=len(result.announcements),
+            exits=result.exits,
+        )
+
+    async def _flush_published(self) -> None:
+        if not self._published or self.pool is None:
+            return
+        ids, self._published = self._published, []
+        try:
+            await self.pool.execute(DELETE_PUBLISHED, ids)
+        except Exception as exc:  # the relay will publish these again: at least once is fine
+            self.metrics.errors.labels("postgres").inc()
+            log.warning("could not delete published outbox rows", error=repr(exc))
+
+    async def _housekeeping(self) -> None:
+        """Relay orphaned outbox rows and sample the group's backlog, every few seconds."""
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+            try:
+                if len(self._published) >= _PUBLISHED_FLUSH:
+                    await self._flush_published()
+                await relay_outbox(self.pool, self.consumer, constants.OUTBOX_ORPHAN_SECONDS)
+                for stream, (pending, lag) in (await self.consumer.group_backlog()).items():
+                    self.metrics.consumer_pending.labels(stream).set(pending)
+                    if lag is not None:
+                        self.metrics.consumer_lag.labels(stream).set(lag)
+            except Exception as exc:
+                log.warning("housekeeping failed; will retry", error=repr(exc))
+
+    async def _retry(self, component: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """Run `call`, retrying transient failures with backoff; None if stopped meanwhile."""
+        attempt = 0
+        while True:
+            try:
+                result = await call()
+            except Exception as exc:
+                if classify(exc) != "transient":
+                    raise
+                self.metrics.errors.labels(component).inc()
+                self.ready = False
+                self.metrics.ready.set(0)
+                delay = compute_backoff(attempt)
+                log.warning(
+                    f"{component} unavailable; retrying",
+                    error=repr(exc),
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                )
+                attempt += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                if self.stop.is_set():
+                    return None
+                continue
+            if attempt:
+                log.info(f"{component} is back", attempts=attempt)
+                self.ready = True
+                self.metrics.ready.set(1)
+            return result
+
+
+class _EntryError(Exception):
+    """A statement failed because of the data it was given."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason_label(reason: str) -> str:
+    return reason.split(":", 1)[0].replace(" ", "_")[:40]
+
+
+def _goal_type_of(payload: str) -> str:
+    # Cheap: the payload is our own JSON; find the goal_type value without a full decode.
+    marker = '"goal_type": "'
+    start = payload.find(marker)
+    if start < 0:
+        return "unknown"
+    start += len(marker)
+    return payload[start : payload.find('"', start)]
+
+
+async def relay_outbox(
+    pool: asyncpg.Pool | None, consumer: StreamConsumer, older_than_seconds: float
+) -> int:
+    """Publish outbox rows left behind by a worker that died after its commit; return count."""
+    if pool is None:
+        return 0
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, payload FROM goalstream_outbox"
+            " WHERE created_at < now() - make_interval(secs => $1)"
+            " ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED",
+            older_than_seconds,
+        )
+        if not rows:
+            return 0
+        await consumer.publish([Announcement(r["id"], r["payload"]) for r in rows])
+        await conn.execute(DELETE_PUBLISHED, [r["id"] for r in rows])
+    log.info("relayed orphaned announcements", count=len(rows))
+    return len(rows)
+
+
+async def run_worker(settings: Settings, *, burst: bool = False, metrics: Metrics | None = None) -> Worker:
+    """Run one worker until it stops; return it (for its counters)."""
+    worker = Worker(settings, metrics)
+    await worker.run(burst=burst)
+    return worker
