@@ -95,7 +95,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(str(exc)) from None
     stream = stream_for_type(settings, args.type)
     client = redis.Redis.from_url(settings.redis_url)
-    entry_id = client.xadd(stream, {"data": body})
+    entry_id: bytes = client.xadd(stream, {"data": body})  # type: ignore[assignment]
     print(f"{stream} {entry_id.decode()}")
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from goalstream import constants
 from goalstream.events import Entry, Invalid
@@ -66,9 +67,8 @@ class StreamConsumer:
         """The next batch: our own pending entries while any are left, then new entries."""
         count = self.settings.batch_size
         if self._pending_cursor:
-            reply = await self.redis.xreadgroup(
-                self.group, self.name, dict(self._pending_cursor), count=count
-            )
+            cursors: dict[KeyT, StreamIdT] = {k: v for k, v in self._pending_cursor.items()}
+            reply = await self.redis.xreadgroup(self.group, self.name, cursors, count=count)
             entries = parse_entries(reply)
             got = {e.stream for e in entries}
             for entry in entries:
@@ -78,7 +78,7 @@ class StreamConsumer:
                     del self._pending_cursor[stream]
             if entries:
                 return entries
-        streams = {s: ">" for s in self.settings.streams}
+        streams: dict[KeyT, StreamIdT] = {s: ">" for s in self.settings.streams}
         reply = await self.redis.xreadgroup(
             self.group, self.name, streams, count=count, block=block_ms or None
         )
@@ -105,7 +105,7 @@ class StreamConsumer:
             await pipe.execute()
         return True
 
-    def dead_letter_fields(self, invalid: Invalid, failed_at: str) -> dict[str, Any]:
+    def dead_letter_fields(self, invalid: Invalid, failed_at: str) -> dict[FieldT, EncodableT]:
         """The fields of a `goalstream.dlq` entry (CONTRACT 3)."""
         return {
             "stream": invalid.entry.stream,

@@ -81,9 +81,7 @@ class PaymentCompletedEvent(Envelope, frozen=True, kw_only=True, tag=constants.P
     data: PaymentCompleted
 
 
-class AppointmentBookedEvent(
-    Envelope, frozen=True, kw_only=True, tag=constants.APPOINTMENT_BOOKED
-):
+class AppointmentBookedEvent(Envelope, frozen=True, kw_only=True, tag=constants.APPOINTMENT_BOOKED):
     type_name = constants.APPOINTMENT_BOOKED
     data: AppointmentBooked
 

@@ -72,9 +72,7 @@ class TagCriteria(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
         return glob_regex((self.tag_pattern or "").casefold()).fullmatch(tag) is not None
 
 
-class PurchaseCriteria(
-    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True
-):
+class PurchaseCriteria(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """Optional product, minimum amount (inclusive) and currency; `{}` matches any purchase."""
 
     product_id: NonEmpty | None = None
@@ -82,9 +80,7 @@ class PurchaseCriteria(
     currency: Currency | None = None
 
     def __post_init__(self) -> None:
-        if self.min_amount is not None and (
-            not self.min_amount.is_finite() or self.min_amount < 0
-        ):
+        if self.min_amount is not None and (not self.min_amount.is_finite() or self.min_amount < 0):
             raise ValueError("`min_amount` must be a finite decimal >= 0")
 
     def index_key(self) -> IndexKey:

@@ -34,7 +34,9 @@ class Metrics:
             "goal_evaluations", "Events evaluated against the goal index.", registry=r
         )
         self.achievements = Counter(
-            "goal_achievements", "Goal achievements recorded, by goal type.", ["goal_type"],
+            "goal_achievements",
+            "Goal achievements recorded, by goal type.",
+            ["goal_type"],
             registry=r,
         )
         self.evaluation_latency = Histogram(

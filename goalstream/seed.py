@@ -8,13 +8,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
 from goalstream.goals import GoalMode, GoalType, criteria_json, parse_criteria, parse_goal_type
 
-Conn = asyncpg.Connection | asyncpg.Pool
+Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 
 async def tenant(conn: Conn, name: str = "tenant") -> uuid.UUID:

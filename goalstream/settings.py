@@ -89,6 +89,5 @@ def _parse(name: str, field_type: str, raw: str) -> Any:
 
 
 _FIELD_TYPES: dict[str, str] = {
-    name: str(field_type).replace("'", "")
-    for name, field_type in Settings.__annotations__.items()
+    name: str(field_type).replace("'", "") for name, field_type in Settings.__annotations__.items()
 }

@@ -111,7 +111,8 @@ class Worker:
     async def start(self) -> None:
         """Connect to both servers, create the groups, and load the goal cache."""
         self.pool = await self._retry(
-            "postgres", lambda: asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4)
+            "postgres",
+            lambda: asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4),
         )
         await self._retry("redis", self.consumer.ensure_groups)
         await self._retry("postgres", self.cache.start)
@@ -146,7 +147,7 @@ class Worker:
         try:
             while not self.stop.is_set():
                 block = None if burst else self.settings.block_ms
-                entries = await self._retry("redis", lambda: self.consumer.read(block))
+                entries = await self._retry("redis", lambda b=block: self.consumer.read(b))  # type: ignore[misc]
                 if entries is None:
                     break
                 if entries:
@@ -399,7 +400,9 @@ async def relay_outbox(
     return len(rows)
 
 
-async def run_worker(settings: Settings, *, burst: bool = False, metrics: Metrics | None = None) -> Worker:
+async def run_worker(
+    settings: Settings, *, burst: bool = False, metrics: Metrics | None = None
+) -> Worker:
     """Run one worker until it stops; return it (for its counters)."""
     worker = Worker(settings, metrics)
     await worker.run(burst=burst)

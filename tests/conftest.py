@@ -129,7 +129,9 @@ class World:
     tenant_id: uuid.UUID
     sent: int = field(default=0)
 
-    async def workflow(self, *, is_active: bool = True, tenant_id: uuid.UUID | None = None) -> uuid.UUID:
+    async def workflow(
+        self, *, is_active: bool = True, tenant_id: uuid.UUID | None = None
+    ) -> uuid.UUID:
         return await seed.workflow(self.db, tenant_id or self.tenant_id, is_active=is_active)
 
     async def contact(self, tenant_id: uuid.UUID | None = None) -> uuid.UUID:
@@ -221,9 +223,7 @@ class World:
 
 
 @pytest.fixture
-async def world(
-    db: asyncpg.Connection, redis: aioredis.Redis, settings: Settings
-) -> World:
+async def world(db: asyncpg.Connection, redis: aioredis.Redis, settings: Settings) -> World:
     tenant_id = await seed.tenant(db, "acme")
     return World(db=db, redis=redis, settings=settings, tenant_id=tenant_id)
 

@@ -9,6 +9,8 @@ import pytest
 from goalstream import constants
 from tests.conftest import World
 
+pytestmark = pytest.mark.e2e
+
 TAG = constants.TAG_ADDED
 PAY = constants.PAYMENT_COMPLETED
 FORM = constants.FORM_SUBMITTED
@@ -116,7 +118,9 @@ async def test_ineligible_events_write_nothing(world: World, case: str) -> None:
     now = datetime.now(UTC)
     wf = await world.workflow(is_active=case != "inactive_workflow")
     contact = await world.contact()
-    status = {"exited_enrollment": "exited", "completed_enrollment": "completed"}.get(case, "active")
+    status = {"exited_enrollment": "exited", "completed_enrollment": "completed"}.get(
+        case, "active"
+    )
     enrollment = await world.enroll(
         wf, contact, enrolled_at=now - timedelta(hours=1), status=status, pending_actions=1
     )
