@@ -105,7 +105,9 @@ class GoalCache:
             await self._conn.close()
 
     async def _connect(self) -> None:
-        self._conn = await asyncpg.connect(self._dsn)
+        self._conn = await asyncpg.connect(
+            self._dsn, server_settings={"application_name": "goalstream-cache"}
+        )
         await self._conn.add_listener(constants.GOALS_CHANNEL, self._on_notify)
         self._conn.add_termination_listener(self._on_lost)
 
