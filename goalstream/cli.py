@@ -108,6 +108,28 @@ def stream_for_type(settings: Settings, event_type: str) -> str:
     return event_type
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.bench import main as bench_main
+
+    return bench_main(args, settings)
+
+
+def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.admin import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_create_api_key(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.apikeys import create_api_key_command
+
+    key = asyncio.run(create_api_key_command(settings.database_url, args.tenant))
+    print(f"API key for tenant {args.tenant} (shown once; only its SHA-256 is stored):")
+    print(key)
+    return 0
+
+
 def _not_built(name: str) -> Handler:
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         print(f"goalstream {name}: not built yet in this version", file=sys.stderr)
@@ -148,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", dest="admin_host", help="GOALSTREAM_ADMIN_HOST")
     p.add_argument("--port", dest="admin_port", type=int, help="GOALSTREAM_ADMIN_PORT")
-    p.set_defaults(handler=_not_built("admin"))
+    p.set_defaults(handler=cmd_admin)
 
     p = sub.add_parser("replay", help="run a range of a stream through evaluation (backfill)")
     _common(p)
@@ -173,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create-api-key", help="print a new admin API key for a tenant")
     _common(p)
     p.add_argument("--tenant", required=True)
-    p.set_defaults(handler=_not_built("create-api-key"))
+    p.set_defaults(handler=cmd_create_api_key)
 
     p = sub.add_parser("dlq", help="list and requeue dead-lettered entries")
     _common(p)
@@ -187,7 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark against the Redis ceiling and the naive design")
     _common(p)
     p.add_argument("--json", dest="json_path")
-    p.set_defaults(handler=_not_built("bench"))
+    # Unset flags take goalstream.bench.BenchConfig's defaults.
+    for flag in ("tenants", "workflows", "goals", "contacts", "enrollments", "pending-actions"):
+        p.add_argument(f"--{flag}", type=int, help="how many to create (workflows 0: goals/5)")
+    p.add_argument("--events", type=int, help="events to preload")
+    p.add_argument("--candidate-rate", type=float, help="share of events that achieve a goal")
+    p.add_argument(
+        "--near-miss-rate", type=float, help="share of the rest meeting a goal's criteria"
+    )
+    p.add_argument("--workers", type=int, help="processes per measurement")
+    p.add_argument("--batch-size", type=int, help="GOALSTREAM_BATCH_SIZE")
+    p.add_argument("--rounds", type=int, help="repeat each measurement; report the median")
+    p.add_argument("--no-naive", dest="naive", action="store_false", default=None)
+    p.add_argument("--latency", action="store_true", default=None, help="paced producer mode")
+    p.add_argument("--rate", type=float, help="--latency: events/s (default 5000)")
+    p.add_argument("--duration", type=float, help="--latency: seconds (default 10)")
+    p.add_argument("--seed", type=int, help="random seed of the event generator")
+    p.add_argument("--keep", action="store_true", default=None, help="keep the bench's data")
+    p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("dev", help="local stack on embedded or given servers, with a demo")
     _common(p)
