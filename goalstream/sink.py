@@ -29,23 +29,37 @@ WITH ev AS (
                          $6::text[], $7::text[], $8::text[])
         AS ev(ord, tenant_id, contact_id, occurred_at, event_id, trigger_event, stream, entry_id)
 ), cand AS (
-    SELECT * FROM unnest($9::int[], $10::uuid[]) AS cand(ord, goal_id)
-), matched AS (
-    SELECT ev.ord, g.id AS goal_id, g.goal_type, g.mode, g.workflow_id, e.id AS enrollment_id,
+    SELECT * FROM unnest($9::int[], $10::uuid[], $12::uuid[]) AS cand(ord, goal_id, workflow_id)
+), enrolled AS MATERIALIZED (
+    -- Driven by the batch's events: each event's contact has few active enrolments, found by
+    -- the partial index on contact_id. The LATERAL subquery (kept apart by OFFSET 0) pins
+    -- that plan: one index probe per event, whatever the planner guesses about the arrays
+    -- or however many goals an event matched across the tenant's workflows.
+    SELECT ev.ord, e.id, e.workflow_id, e.enrolled_at
+    FROM ev CROSS JOIN LATERAL (
+        SELECT e.id, e.workflow_id, e.enrolled_at FROM workflow_enrollments e
+        WHERE e.contact_id = ev.contact_id AND e.status = 'active'
+          AND e.tenant_id = ev.tenant_id AND e.enrolled_at <= ev.occurred_at
+        OFFSET 0
+    ) e
+), matched AS MATERIALIZED (
+    SELECT ev.ord, g.id AS goal_id, g.goal_type, g.mode, e.workflow_id, e.id AS enrollment_id,
            ev.tenant_id, ev.contact_id, ev.occurred_at, ev.event_id, ev.trigger_event,
            ev.stream, ev.entry_id
-    FROM cand
-    JOIN ev USING (ord)
-    JOIN workflow_goals g
-      ON g.id = cand.goal_id AND g.tenant_id = ev.tenant_id
-     AND g.is_active AND g.deleted_at IS NULL
-    JOIN workflows w ON w.id = g.workflow_id AND w.tenant_id = g.tenant_id AND w.is_active
-    JOIN workflow_enrollments e
-      ON e.contact_id = ev.contact_id AND e.workflow_id = g.workflow_id
-     AND e.tenant_id = ev.tenant_id AND e.status = 'active'
-     AND ev.occurred_at >= e.enrolled_at
-     AND (g.conversion_window_seconds IS NULL
-          OR ev.occurred_at <= e.enrolled_at + make_interval(secs => g.conversion_window_seconds))
+    FROM enrolled e
+    JOIN cand ON cand.ord = e.ord AND cand.workflow_id = e.workflow_id
+    JOIN ev ON ev.ord = e.ord
+    CROSS JOIN LATERAL (  -- by primary key, re-checked: the cache may be a moment behind
+        SELECT g.* FROM workflow_goals g WHERE g.id = cand.goal_id OFFSET 0
+    ) g
+    CROSS JOIN LATERAL (
+        SELECT w.* FROM workflows w WHERE w.id = e.workflow_id OFFSET 0
+    ) w
+    WHERE g.workflow_id = e.workflow_id AND g.tenant_id = ev.tenant_id
+      AND g.is_active AND g.deleted_at IS NULL
+      AND w.tenant_id = ev.tenant_id AND w.is_active
+      AND (g.conversion_window_seconds IS NULL
+           OR ev.occurred_at <= e.enrolled_at + make_interval(secs => g.conversion_window_seconds))
 ), first_exit AS (
     SELECT DISTINCT ON (enrollment_id) enrollment_id, ord, goal_id
     FROM matched WHERE mode = 'exit'
@@ -59,8 +73,7 @@ WITH ev AS (
 ), cancelled AS (
     UPDATE workflow_pending_actions p
        SET status = 'cancelled', cancel_reason = 'goal_achieved', cancelled_at = now()
-      FROM exited x
-     WHERE p.enrollment_id = x.id AND p.status = 'pending'
+     WHERE p.status = 'pending' AND p.enrollment_id IN (SELECT id FROM exited)
     RETURNING p.enrollment_id
 ), cancel_counts AS (
     SELECT enrollment_id, count(*)::int AS n FROM cancelled GROUP BY enrollment_id
@@ -139,15 +152,17 @@ class BatchArrays(msgspec.Struct):
     entry_ids: list[str]
     cand_ords: list[int]
     cand_goals: list[uuid.UUID]
+    cand_workflows: list[uuid.UUID]
 
 
 def batch_arrays(events: Sequence[Decoded], matches: Sequence[tuple[int, Goal]]) -> BatchArrays:
     """Lay the matches out as the columns `COMMIT_BATCH` unnests."""
-    arrays = BatchArrays([], [], [], [], [], [], [], [], [], [])
+    arrays = BatchArrays([], [], [], [], [], [], [], [], [], [], [])
     seen: set[int] = set()
     for position, goal in matches:
         arrays.cand_ords.append(position)
         arrays.cand_goals.append(goal.id)
+        arrays.cand_workflows.append(goal.workflow_id)
         if position in seen:
             continue
         seen.add(position)
@@ -189,6 +204,7 @@ async def commit_batch(
         a.cand_ords,
         a.cand_goals,
         list(published),
+        a.cand_workflows,
     )
     announcements = [Announcement(r[0], r[1]) for r in rows if r[0] is not None]
     last = rows[-1]

@@ -18,6 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
@@ -49,6 +50,8 @@ T = TypeVar("T")
 # Outbox rows published but not yet deleted are deleted with the next batch's statement, or
 # on their own once this many have piled up or the streams go idle.
 _PUBLISHED_FLUSH = 1000
+# Batches read and evaluated ahead of the one being committed.
+_PIPELINE_DEPTH = 2
 # How often the worker relays orphaned outbox rows and samples the group's backlog.
 _HOUSEKEEPING_SECONDS = 5.0
 
@@ -101,6 +104,7 @@ class Worker:
             settings.database_url, self.metrics, refresh_seconds=settings.cache_refresh_seconds
         )
         self.pool: asyncpg.Pool | None = None
+        self._conn: asyncpg.Connection | None = None
         self._published: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False
@@ -110,10 +114,7 @@ class Worker:
 
     async def start(self) -> None:
         """Connect to both servers, create the groups, and load the goal cache."""
-        self.pool = await self._retry(
-            "postgres",
-            lambda: asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4),
-        )
+        self.pool = await self._retry("postgres", self._create_pool)
         await self._retry("redis", self.consumer.ensure_groups)
         await self._retry("postgres", self.cache.start)
         self.ready = True
@@ -127,6 +128,19 @@ class Worker:
             goals=len(self.cache.index),
         )
 
+    async def _create_pool(self) -> asyncpg.Pool:
+        # The batch statement is planned once: its shape is fixed by MATERIALIZED CTEs, and
+        # re-planning it per batch would cost more than running it.
+        return await asyncpg.create_pool(
+            self.settings.database_url,
+            min_size=1,
+            max_size=4,
+            server_settings={
+                "application_name": "goalstream-worker",
+                "plan_cache_mode": "force_generic_plan",
+            },
+        )
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -134,58 +148,89 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.cache.close()
-        if self._published and self.pool is not None:
-            with contextlib.suppress(Exception):
-                await self.pool.execute(DELETE_PUBLISHED, self._published)
+        await self._flush_published()
+        await self._drop_commit_connection()
         if self.pool is not None:
             await self.pool.close()
         await self.redis.aclose()
 
     async def run(self, *, burst: bool = False) -> None:
-        """Consume until `stop` is set; with `burst`, until the streams are drained."""
+        """Consume until `stop` is set; with `burst`, until the streams are drained.
+
+        Two stages overlap: while one batch is committed (and then settled), the next is read,
+        decoded and evaluated. Commits stay strictly in read order, one at a time.
+        """
         await self.start()
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        committer = asyncio.create_task(self._commit_loop(queue), name="committer")
         try:
-            while not self.stop.is_set():
-                block = None if burst else self.settings.block_ms
-                entries = await self._retry("redis", lambda b=block: self.consumer.read(b))  # type: ignore[misc]
-                if entries is None:
-                    break
-                if entries:
-                    await self.process(entries)
-                    continue
-                await self._flush_published()
-                if burst and self.consumer.caught_up:
-                    break
+            await self._read_loop(queue, committer, burst)
+            await committer
         finally:
+            if not committer.done():
+                committer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await committer
             await self.close()
             log.info("worker stopped", consumer=self.consumer.name, processed=self.processed)
+
+    async def _read_loop(
+        self, queue: asyncio.Queue[Batch | None], committer: asyncio.Task[None], burst: bool
+    ) -> None:
+        block = None if burst else self.settings.block_ms
+        while not self.stop.is_set() and not committer.done():
+            entries = await self._retry("redis", lambda: self.consumer.read(block))
+            if entries is None:
+                break
+            if entries:
+                await queue.put(self.prepare(entries))
+                continue
+            if queue.empty():
+                await self._flush_published()
+            if burst and self.consumer.caught_up:
+                break
+        if not committer.done():
+            await queue.put(None)
+
+    async def _commit_loop(self, queue: asyncio.Queue[Batch | None]) -> None:
+        while (batch := await queue.get()) is not None:
+            if not await self.finish(batch):
+                return
 
     # -- one batch --------------------------------------------------------------------------
 
     async def process(self, entries: Sequence[Entry]) -> bool:
         """Process one batch end to end; False if the worker was stopped before it settled."""
+        return await self.finish(self.prepare(entries))
+
+    def prepare(self, entries: Sequence[Entry]) -> Batch:
+        """Decode and evaluate a batch: the in-memory half of the work."""
+        started = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
-        bound = log.bind(batch_id=batch_id, entries=len(entries))
         self.metrics.batch_size.observe(len(entries))
         valid, invalid = self.decoder.decode_batch(entries)
         self._count_received(valid, invalid)
-        started = time.perf_counter()
         matches = evaluate(valid, self.cache.index)
         self.metrics.evaluations.inc(len(valid))
-        outcome = await self._commit(valid, matches, bound)
+        bound = log.bind(batch_id=batch_id, entries=len(entries))
+        return Batch(entries, valid, invalid, matches, bound, started)
+
+    async def finish(self, batch: Batch) -> bool:
+        """Commit a prepared batch, then settle it; False if stopped before it settled."""
+        outcome = await self._commit(batch.valid, batch.matches, batch.log)
         if outcome is None:
             return False
         result, failed = outcome
         committed_at = time.time()
-        self.metrics.evaluation_latency.observe(time.perf_counter() - started)
-        dead = invalid + failed
+        self.metrics.evaluation_latency.observe(time.perf_counter() - batch.started)
+        dead = batch.invalid + failed
         settled = await self._retry(
-            "redis", lambda: self.consumer.settle(entries, dead, result.announcements)
+            "redis", lambda: self.consumer.settle(batch.entries, dead, result.announcements)
         )
-        if settled is None and self.stop.is_set():
+        if settled is None:
             return False
         self._published.extend(a.outbox_id for a in result.announcements)
-        self._record(entries, valid, dead, result, matches, committed_at, bound)
+        self._record(batch, dead, result, committed_at)
         return True
 
     async def _commit(
@@ -195,30 +240,49 @@ class Worker:
         bound: structlog.typing.FilteringBoundLogger,
     ) -> tuple[CommitResult, list[Invalid]] | None:
         """Commit the batch's effects; on an error of the data's own, isolate the culprits."""
-        published = self._published if matches else []
+        published: list[int] = []
+        if matches:
+            published, self._published = self._published, []
         try:
             result = await self._retry(
                 "postgres", lambda: self._commit_once(events, matches, published)
             )
         except _EntryError as exc:
+            self._published.extend(published)
             bound.warning("batch failed; retrying its events one by one", error=exc.reason)
             return await self._commit_each(events, matches)
         if result is None:
+            self._published.extend(published)
             return None
-        if published:
-            self._published = []
         return result, []
 
     async def _commit_once(
         self, events: list[Decoded], matches: list[tuple[int, Goal]], published: list[int]
     ) -> CommitResult:
-        assert self.pool is not None
+        conn = await self._commit_connection()
         try:
-            return await commit_batch(self.pool, events, matches, published)
+            return await commit_batch(conn, events, matches, published)
         except Exception as exc:
-            if classify(exc) == "entry":
+            kind = classify(exc)
+            if kind == "entry":
                 raise _EntryError(f"{type(exc).__name__}: {exc}") from exc
+            if kind == "transient":
+                await self._drop_commit_connection()
             raise
+
+    async def _commit_connection(self) -> asyncpg.Connection:
+        # The hot path keeps one connection: a pool's acquire/release would add a reset
+        # round trip to every batch.
+        if self._conn is None or self._conn.is_closed():
+            assert self.pool is not None
+            self._conn = await self.pool.acquire()
+        return self._conn
+
+    async def _drop_commit_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn, timeout=1)
 
     async def _commit_each(
         self, events: list[Decoded], matches: list[tuple[int, Goal]]
@@ -261,18 +325,12 @@ class Worker:
             self.metrics.events_received.labels(stream, event_type).inc(n)
 
     def _record(
-        self,
-        entries: Sequence[Entry],
-        valid: list[Decoded],
-        dead: list[Invalid],
-        result: CommitResult,
-        matches: list[tuple[int, Goal]],
-        committed_at: float,
-        bound: structlog.typing.FilteringBoundLogger,
+        self, batch: Batch, dead: list[Invalid], result: CommitResult, committed_at: float
     ) -> None:
-        self.processed += len(entries)
+        self.processed += len(batch.entries)
+        bound = batch.log
         m = self.metrics
-        for entry in entries:
+        for entry in batch.entries:
             m.end_to_end_latency.observe(max(0.0, committed_at - entry.millis / 1000))
         for invalid in dead:
             m.dead_letters.labels(_reason_label(invalid.reason)).inc()
@@ -294,8 +352,8 @@ class Worker:
         m.cancelled_actions.inc(result.cancelled)
         bound.debug(
             "batch committed",
-            valid=len(valid),
-            matches=len(matches),
+            valid=len(batch.valid),
+            matches=len(batch.matches),
             achievements=len(result.announcements),
             exits=result.exits,
         )
@@ -355,6 +413,18 @@ class Worker:
                 self.ready = True
                 self.metrics.ready.set(1)
             return result
+
+
+@dataclass(slots=True)
+class Batch:
+    """A batch between the stages: its entries, decoded and evaluated, not yet committed."""
+
+    entries: Sequence[Entry]
+    valid: list[Decoded]
+    invalid: list[Invalid]
+    matches: list[tuple[int, Goal]]
+    log: structlog.typing.FilteringBoundLogger
+    started: float
 
 
 class _EntryError(Exception):
