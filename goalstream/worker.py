@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import asyncpg
@@ -109,6 +109,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False
         self.processed = 0
+        self._burst = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -157,54 +158,70 @@ class Worker:
     async def run(self, *, burst: bool = False) -> None:
         """Consume until `stop` is set; with `burst`, until the streams are drained.
 
-        Two stages overlap: while one batch is committed (and then settled), the next is read,
-        decoded and evaluated. Commits stay strictly in read order, one at a time.
+        Three stages overlap: while one batch is committed, the next is read, decoded and
+        evaluated, and the one before is settled (acknowledged and announced). Commits stay
+        strictly in read order, one at a time; no batch is settled before its commit.
         """
+        self._burst = burst
         await self.start()
-        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
-        committer = asyncio.create_task(self._commit_loop(queue), name="committer")
+        to_commit: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        to_settle: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        stages = [
+            asyncio.create_task(self._commit_loop(to_commit, to_settle), name="committer"),
+            asyncio.create_task(self._settle_loop(to_settle), name="settler"),
+        ]
         try:
-            await self._read_loop(queue, committer, burst)
-            await committer
+            await self._read_loop(to_commit, stages)
+            await asyncio.gather(*stages)
         finally:
-            if not committer.done():
-                committer.cancel()
+            for stage in stages:
+                stage.cancel()
+            for stage in stages:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await committer
+                    await stage
             await self.close()
             log.info("worker stopped", consumer=self.consumer.name, processed=self.processed)
 
     async def _read_loop(
-        self, queue: asyncio.Queue[Batch | None], committer: asyncio.Task[None], burst: bool
+        self, to_commit: asyncio.Queue[Batch | None], stages: list[asyncio.Task[None]]
     ) -> None:
-        block = None if burst else self.settings.block_ms
-        while not self.stop.is_set() and not committer.done():
+        block = None if self._burst else self.settings.block_ms
+        while not self.stop.is_set() and not any(stage.done() for stage in stages):
             entries = await self._retry("redis", lambda: self.consumer.read(block))
             if entries is None:
                 break
             if entries:
-                await queue.put(self.prepare(entries))
+                await to_commit.put(self.prepare(entries))
                 continue
-            if queue.empty():
+            if to_commit.empty():
                 await self._flush_published()
-            if burst and self.consumer.caught_up:
+            if self._burst and self.consumer.caught_up:
                 break
-        if not committer.done():
-            await queue.put(None)
+        await to_commit.put(None)
 
-    async def _commit_loop(self, queue: asyncio.Queue[Batch | None]) -> None:
-        while (batch := await queue.get()) is not None:
-            if not await self.finish(batch):
+    async def _commit_loop(
+        self, to_commit: asyncio.Queue[Batch | None], to_settle: asyncio.Queue[Batch | None]
+    ) -> None:
+        while (batch := await to_commit.get()) is not None:
+            if not await self.commit(batch):
+                break
+            await to_settle.put(batch)
+        await to_settle.put(None)
+
+    async def _settle_loop(self, to_settle: asyncio.Queue[Batch | None]) -> None:
+        while (batch := await to_settle.get()) is not None:
+            if not await self.settle(batch):
                 return
 
     # -- one batch --------------------------------------------------------------------------
 
     async def process(self, entries: Sequence[Entry]) -> bool:
         """Process one batch end to end; False if the worker was stopped before it settled."""
-        return await self.finish(self.prepare(entries))
+        batch = self.prepare(entries)
+        return await self.commit(batch) and await self.settle(batch)
 
     def prepare(self, entries: Sequence[Entry]) -> Batch:
-        """Decode and evaluate a batch: the in-memory half of the work."""
+        """Decode and evaluate a batch: the in-memory part of the work."""
         started = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
         self.metrics.batch_size.observe(len(entries))
@@ -215,22 +232,28 @@ class Worker:
         bound = log.bind(batch_id=batch_id, entries=len(entries))
         return Batch(entries, valid, invalid, matches, bound, started)
 
-    async def finish(self, batch: Batch) -> bool:
-        """Commit a prepared batch, then settle it; False if stopped before it settled."""
+    async def commit(self, batch: Batch) -> bool:
+        """Commit a prepared batch's effects; False if stopped before it committed."""
         outcome = await self._commit(batch.valid, batch.matches, batch.log)
         if outcome is None:
             return False
-        result, failed = outcome
-        committed_at = time.time()
+        batch.result, failed = outcome
+        batch.dead = batch.invalid + failed
+        batch.committed_at = time.time()
         self.metrics.evaluation_latency.observe(time.perf_counter() - batch.started)
-        dead = batch.invalid + failed
+        return True
+
+    async def settle(self, batch: Batch) -> bool:
+        """Dead-letter, acknowledge and announce a committed batch; False if stopped first."""
+        result = batch.result
+        assert result is not None, "settle() before commit()"
         settled = await self._retry(
-            "redis", lambda: self.consumer.settle(batch.entries, dead, result.announcements)
+            "redis", lambda: self.consumer.settle(batch.entries, batch.dead, result.announcements)
         )
         if settled is None:
             return False
         self._published.extend(a.outbox_id for a in result.announcements)
-        self._record(batch, dead, result, committed_at)
+        self._record(batch, batch.dead, result, batch.committed_at)
         return True
 
     async def _commit(
@@ -425,6 +448,9 @@ class Batch:
     matches: list[tuple[int, Goal]]
     log: structlog.typing.FilteringBoundLogger
     started: float
+    result: CommitResult | None = None
+    dead: list[Invalid] = field(default_factory=list)
+    committed_at: float = 0.0
 
 
 class _EntryError(Exception):
