@@ -34,5 +34,3 @@ GOALS_CHANNEL = "goalstream_goals"
 # Advisory lock key that serialises concurrent `goalstream migrate` runs ("goalstrm").
 MIGRATION_LOCK_KEY = 0x676F616C7374726D
 
-# Outbox rows older than this were orphaned by a worker that died before publishing them.
-OUTBOX_ORPHAN_SECONDS = 10.0

@@ -36,20 +36,30 @@ def parse_entries(reply: Any) -> list[Entry]:
 
 
 class StreamConsumer:
-    """One consumer of the group: reads its own pending entries first, then new ones."""
+    """One consumer of the group.
+
+    It reads, in this order of preference: its own pending entries left from before its start
+    (re-claimed with XCLAIM, so the server counts the new delivery), then entries other
+    consumers left idle for longer than `claim_idle_ms` (XAUTOCLAIM, following its cursor),
+    then new entries (XREADGROUP >). Every entry carries the server's delivery count.
+    """
 
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
         self.group = settings.group
         self.name = settings.consumer
-        # Per stream, where the replay of our own pending entries has got to; None once done.
-        self._pending_cursor: dict[str, str] = {s: "0" for s in settings.streams}
+        # Per stream, how far the re-claim of our own pending entries has got; gone once done.
+        self._own_cursor: dict[str, str] = {s: "-" for s in settings.streams}
+        # Per stream, the XAUTOCLAIM cursor of the current claim round.
+        self._claim_cursor: dict[str, str] = {}
+        self._next_claim = 0.0
+        self.claimed = 0
 
     @property
     def caught_up(self) -> bool:
         """True once this consumer's pending entries from before its start are all re-read."""
-        return not self._pending_cursor
+        return not self._own_cursor
 
     async def ensure_groups(self) -> None:
         """Create the group on every stream (and the stream itself) where it is missing."""
@@ -64,25 +74,144 @@ class StreamConsumer:
                     raise
 
     async def read(self, block_ms: int | None) -> list[Entry]:
-        """The next batch: our own pending entries while any are left, then new entries."""
-        count = self.settings.batch_size
-        if self._pending_cursor:
-            cursors: dict[KeyT, StreamIdT] = {k: v for k, v in self._pending_cursor.items()}
-            reply = await self.redis.xreadgroup(self.group, self.name, cursors, count=count)
-            entries = parse_entries(reply)
-            got = {e.stream for e in entries}
-            for entry in entries:
-                self._pending_cursor[entry.stream] = entry.entry_id
-            for stream in list(self._pending_cursor):
-                if stream not in got:
-                    del self._pending_cursor[stream]
+        """The next batch: own pending entries, then idle entries of others, then new ones."""
+        if self._own_cursor:
+            entries = await self._reclaim_own()
+            if entries:
+                return entries
+        if time.monotonic() >= self._next_claim:
+            entries = await self.claim_idle()
             if entries:
                 return entries
         streams: dict[KeyT, StreamIdT] = {s: ">" for s in self.settings.streams}
         reply = await self.redis.xreadgroup(
-            self.group, self.name, streams, count=count, block=block_ms or None
+            self.group, self.name, streams, count=self.settings.batch_size, block=block_ms or None
         )
         return parse_entries(reply)
+
+    async def _reclaim_own(self) -> list[Entry]:
+        """Our own pending entries (a restart under the same name), one page per stream."""
+        entries: list[Entry] = []
+        for stream, cursor in list(self._own_cursor.items()):
+            pending = await self.redis.xpending_range(
+                stream, self.group, cursor, "+", self.settings.batch_size, self.name
+            )
+            if not pending:
+                del self._own_cursor[stream]
+                continue
+            ids: list[StreamIdT] = [p["message_id"] for p in pending]
+            self._own_cursor[stream] = "(" + _text(ids[-1])
+            claimed = await self.redis.xclaim(stream, self.group, self.name, 0, ids)
+            counts = {_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
+            entries += await self._with_counts(stream, claimed, counts, [_text(i) for i in ids])
+        return entries
+
+    async def claim_idle(self) -> list[Entry]:
+        """Take over entries that another consumer left pending for longer than claim_idle_ms."""
+        entries: list[Entry] = []
+        for stream in self.settings.streams:
+            cursor = self._claim_cursor.get(stream, "0-0")
+            reply = await self.redis.xautoclaim(
+                stream,
+                self.group,
+                self.name,
+                self.settings.claim_idle_ms,
+                start_id=cursor,
+                count=self.settings.batch_size,
+            )
+            next_cursor, claimed = _text(reply[0]), reply[1]
+            deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+            if deleted:  # Redis 7 already dropped them from the PEL; say so and move on
+                log.warning("claimed entries were deleted", stream=stream, ids=deleted)
+            if next_cursor == "0-0":
+                self._claim_cursor.pop(stream, None)
+            else:
+                self._claim_cursor[stream] = next_cursor
+            real = [_text(i) for i, _ in claimed if i is not None]
+            if not claimed:
+                continue
+            counts = await self._delivery_counts(stream, real)
+            missing = None if len(real) == len(claimed) else (cursor, next_cursor)
+            entries += await self._with_counts(stream, claimed, counts, real, missing)
+        if not self._claim_cursor:  # a full round is done; the next starts in a while
+            self._next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
+        if entries:
+            self.claimed += len(entries)
+            log.info("claimed idle entries", count=len(entries), consumer=self.name)
+        return entries
+
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        pending = await self.redis.xpending_range(
+            stream,
+            self.group,
+            min(ids, key=_id_key),
+            max(ids, key=_id_key),
+            len(ids) * 2,
+            self.name,
+        )
+        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+    async def _with_counts(
+        self,
+        stream: str,
+        claimed: list[Any],
+        counts: dict[str, int],
+        requested: list[str],
+        missing_range: tuple[str, str] | None = None,
+    ) -> list[Entry]:
+        """Entries from an XCLAIM/XAUTOCLAIM reply; entries deleted from the stream are acked."""
+        entries = []
+        for entry_id, fields in claimed:
+            if entry_id is None:
+                continue  # Redis 6.2: a deleted entry, found below by its absence
+            text = _text(entry_id)
+            data = fields.get(constants.DATA_FIELD) if fields else None
+            entries.append(Entry(stream, text, data, counts.get(text, 1)))
+        returned = {e.entry_id for e in entries}
+        gone = [i for i in requested if i not in returned]
+        if missing_range is not None:
+            gone += await self._own_pending_ids(stream, *missing_range)
+        await self._ack_if_deleted(stream, [i for i in gone if i not in returned])
+        return entries
+
+    async def _own_pending_ids(self, stream: str, start: str, end: str) -> list[str]:
+        """Our pending ids in [start, end) (Redis 6.2 hides deleted ones behind nil)."""
+        upper = "+" if end == "0-0" else "(" + end
+        pending = await self.redis.xpending_range(
+            stream, self.group, start, upper, self.settings.batch_size * 4, self.name
+        )
+        return [_text(p["message_id"]) for p in pending]
+
+    async def _ack_if_deleted(self, stream: str, ids: list[str]) -> None:
+        """Acknowledge pending ids whose entries no longer exist: there is nothing to process."""
+        for entry_id in ids:
+            if not await self.redis.xrange(stream, entry_id, entry_id):
+                await self.redis.xack(stream, self.group, entry_id)
+                log.warning("pending entry was deleted from the stream", stream=stream, id=entry_id)
+
+    async def forget_stale_consumers(self, idle_ms: int) -> list[str]:
+        """Remove consumers idle for longer than idle_ms that hold no pending entries."""
+        removed = []
+        for stream in self.settings.streams:
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, self.group)
+            except ResponseError:
+                continue
+            for consumer in consumers:
+                name = _text(consumer["name"])
+                if name == self.name or int(consumer["pending"]) or int(consumer["idle"]) < idle_ms:
+                    continue
+                # Check and delete atomically: DELCONSUMER would drop pending entries.
+                if await self._delete_if_idle(keys=[stream], args=[self.group, name]) >= 0:
+                    removed.append(name)
+                    log.info("stale consumer removed", stream=stream, consumer=name)
+        return removed
+
+    async def _delete_if_idle(self, keys: list[str], args: list[str]) -> int:
+        script = self.redis.register_script(_DELETE_IF_NO_PENDING)
+        return int(await script(keys=keys, args=args))
 
     async def settle(
         self,
@@ -138,6 +267,23 @@ class StreamConsumer:
                     lag = group.get("lag")
                     out[stream] = (int(group.get("pending", 0)), None if lag is None else int(lag))
         return out
+
+
+# Delete a consumer only if it holds no pending entries, atomically; -1 if it does.
+_DELETE_IF_NO_PENDING = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _now_iso() -> str:

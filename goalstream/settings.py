@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     achieved_stream: str = constants.ACHIEVED_STREAM
     dlq_stream: str = constants.DLQ_STREAM
     cache_refresh_seconds: float = 60.0
+    outbox_orphan_seconds: float = 10.0
+    stale_consumer_ms: int = 3_600_000
+    shutdown_timeout_seconds: float = 25.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -28,7 +28,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from goalstream import constants
 from goalstream.cache import GoalCache
 from goalstream.consumer import StreamConsumer
 from goalstream.errors import TransientError
@@ -225,7 +224,17 @@ class Worker:
         started = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
         self.metrics.batch_size.observe(len(entries))
-        valid, invalid = self.decoder.decode_batch(entries)
+        limit = self.settings.max_deliveries
+        poison = [
+            Invalid(
+                e, f"delivered {e.deliveries} times, more than GOALSTREAM_MAX_DELIVERIES={limit}"
+            )
+            for e in entries
+            if e.deliveries > limit
+        ]
+        fresh = [e for e in entries if e.deliveries <= limit] if poison else entries
+        valid, invalid = self.decoder.decode_batch(fresh)
+        invalid += poison
         self._count_received(valid, invalid)
         matches = evaluate(valid, self.cache.index)
         self.metrics.evaluations.inc(len(valid))
@@ -398,7 +407,8 @@ class Worker:
             try:
                 if len(self._published) >= _PUBLISHED_FLUSH:
                     await self._flush_published()
-                await relay_outbox(self.pool, self.consumer, constants.OUTBOX_ORPHAN_SECONDS)
+                await relay_outbox(self.pool, self.consumer, self.settings.outbox_orphan_seconds)
+                await self.consumer.forget_stale_consumers(self.settings.stale_consumer_ms)
                 for stream, (pending, lag) in (await self.consumer.group_backlog()).items():
                     self.metrics.consumer_pending.labels(stream).set(pending)
                     if lag is not None:
