@@ -714,31 +714,35 @@ class Bench:
         figures["achievements"] = len(pairs)
         seconds = figures["seconds"]
         figures["achievements_per_s"] = round(len(pairs) / seconds) if seconds > 0 else 0
-        # Preloaded events wait in the backlog: this is entry id to commit, queueing included.
-        figures["e2e_ms"] = percentiles(latencies)
+        # Preloaded events wait in the backlog: entry id to commit, queueing included; the
+        # latency under load is what `--latency` measures.
+        figures["queued_e2e_ms"] = percentiles(latencies)
         asyncio.run(reset(self.dsn))
         return pairs == expected
 
     def throughput(self, events: EventSet) -> None:
-        """Ceiling, goalstream and naive on the same events, `rounds` times; medians reported."""
+        """Ceiling and goalstream `rounds` times (medians reported), then naive once."""
         rounds: list[dict[str, Any]] = []
-        correct = {"goalstream": True, "naive": True}
+        correct = True
         for round_no in range(self.config.rounds):
-            one: dict[str, Any] = {"ceiling": self.drain("ceiling", round_no)}
-            kinds = ("goalstream", "naive") if self.config.naive else ("goalstream",)
-            for kind in kinds:
-                one[kind] = self.drain(kind, round_no)
-                correct[kind] &= self.written(one[kind], events.expected)
+            one = {"ceiling": self.drain("ceiling", round_no)}
+            one["goalstream"] = self.drain("goalstream", round_no)
+            correct &= self.written(one["goalstream"], events.expected)
             rounds.append(one)
-        for kind in rounds[0]:
+        for kind in ("ceiling", "goalstream"):
             self.report[kind] = _median_round([r[kind] for r in rounds])
         self.report["rounds"] = rounds
+        naive_correct = None
+        if self.config.naive:
+            # One run: at ~70 s it averages the noise out by itself.
+            self.report["naive"] = self.drain("naive", 0)
+            naive_correct = self.written(self.report["naive"], events.expected)
         self._ratios()
         self.report["check"] = {
             "expected_achievements": len(events.expected),
-            "goalstream_correct": correct["goalstream"],
-            "naive_correct": correct["naive"] if self.config.naive else None,
-            "same_achievements": correct["goalstream"] and correct["naive"],
+            "goalstream_correct": correct,
+            "naive_correct": naive_correct,
+            "same_achievements": correct and naive_correct is not False,
         }
 
     def _ratios(self) -> None:
