@@ -68,10 +68,20 @@ def goals_from_rows(rows: Iterable[asyncpg.Record]) -> tuple[list[Goal], int]:
     return goals, bad
 
 
-async def load_index(conn: asyncpg.Connection | asyncpg.Pool) -> GoalIndex:
-    """Every live goal, indexed."""
+async def load_index(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    tenant: uuid.UUID | None = None,
+    workflow: uuid.UUID | None = None,
+) -> GoalIndex:
+    """Every live goal, indexed; optionally only a tenant's or a workflow's."""
     goals, _ = goals_from_rows(await conn.fetch(_LOAD))
-    return GoalIndex(goals)
+    return GoalIndex(
+        g
+        for g in goals
+        if (tenant is None or g.tenant_id == tenant)
+        and (workflow is None or g.workflow_id == workflow)
+    )
 
 
 class GoalCache:

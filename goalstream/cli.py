@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import uuid
@@ -18,6 +19,8 @@ from goalstream.errors import ConfigError, GoalstreamError
 from goalstream.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+# Exit status of a worker that had to stop without finishing its batch (second signal, deadline).
+EXIT_FORCED = 3
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -57,9 +60,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> None:
         metrics = Metrics(process=True)
         worker = Worker(settings, metrics)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop.set)
+        install_stop_signals(worker.stop, settings.shutdown_timeout_seconds)
         if settings.metrics_port:
             from goalstream.health import serve_metrics
 
@@ -68,6 +69,29 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def install_stop_signals(stop: asyncio.Event, deadline_seconds: float) -> None:
+    """SIGTERM/SIGINT: stop reading and drain; past the deadline, or on a second signal, exit.
+
+    Exiting hard is safe at any moment: nothing is acknowledged before it is committed.
+    """
+    loop = asyncio.get_running_loop()
+    logger = structlog.get_logger("goalstream")
+
+    def hard_exit(reason: str) -> None:
+        logger.warning("exiting without finishing the batch in hand", reason=reason)
+        os._exit(EXIT_FORCED)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            hard_exit(f"second {sig.name}")
+        logger.info("stopping: finishing the batch in hand", signal=sig.name)
+        stop.set()
+        loop.call_later(deadline_seconds, hard_exit, "shutdown deadline passed")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,6 +154,93 @@ def cmd_create_api_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.replay import parse_position, replay, terminal_progress
+
+    try:
+        start = parse_position(args.start, default="-")
+        end = parse_position(args.end, default="+")
+        tenant = uuid.UUID(args.tenant) if args.tenant else None
+        workflow = uuid.UUID(args.workflow) if args.workflow else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    progress = terminal_progress() if sys.stderr.isatty() else None
+    summary = asyncio.run(
+        replay(
+            settings,
+            streams=[args.stream] if args.stream else None,
+            start=start,
+            end=end,
+            tenant=tenant,
+            workflow=workflow,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    )
+    if progress is not None:
+        print(file=sys.stderr)
+    verb = "would write" if args.dry_run else "wrote"
+    print(
+        f"replay {verb}: {summary.achievements} achievement(s), {summary.exits} exit(s), "
+        f"{summary.cancelled_actions} cancelled action(s)"
+    )
+    print(
+        f"read {summary.entries_read} entries ({summary.invalid} invalid, "
+        f"{summary.skipped_other_tenant} of other tenants, {summary.matched_events} matching) "
+        f"in {summary.seconds:.1f}s"
+    )
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    import redis.asyncio as aioredis
+
+    from goalstream.dlq import list_dead, requeue
+
+    async def main() -> int:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            if args.action == "list":
+                for item in await list_dead(client, settings, count=args.count):
+                    print(json.dumps(item, ensure_ascii=False))
+                return 0
+            if not args.all and not args.id:
+                raise ConfigError("requeue needs --id DLQ_ID (repeatable) or --all")
+            try:
+                moved = await requeue(client, settings, None if args.all else args.id)
+            except KeyError as exc:
+                raise ConfigError(str(exc.args[0])) from None
+            for dlq_id, new_id in moved:
+                print(f"requeued {dlq_id} -> {new_id}")
+            print(f"{len(moved)} dead letter(s) requeued")
+            return 0
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def cmd_trim(args: argparse.Namespace, settings: Settings) -> int:
+    import redis.asyncio as aioredis
+
+    from goalstream.trim import trim
+
+    if args.keep_days is None or args.keep_days < 0:
+        raise ConfigError("--keep-days N (N >= 0) is required")
+
+    async def main() -> dict[str, int]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            streams = [*settings.streams, settings.achieved_stream, settings.dlq_stream]
+            return await trim(client, streams, args.keep_days)
+        finally:
+            await client.aclose()
+
+    for stream, removed in asyncio.run(main()).items():
+        print(f"{stream}: {removed} entries removed")
+    return 0
+
+
 def _not_built(name: str) -> Handler:
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         print(f"goalstream {name}: not built yet in this version", file=sys.stderr)
@@ -174,13 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="run a range of a stream through evaluation (backfill)")
     _common(p)
-    p.add_argument("--stream")
-    p.add_argument("--start")
-    p.add_argument("--end")
-    p.add_argument("--tenant")
-    p.add_argument("--workflow")
-    p.add_argument("--dry-run", action="store_true")
-    p.set_defaults(handler=_not_built("replay"))
+    p.add_argument("--stream", help="one stream key (default: every configured stream)")
+    p.add_argument("--start", help="entry id, ms since the epoch, or RFC 3339 time (default: -)")
+    p.add_argument("--end", help="entry id, ms since the epoch, or RFC 3339 time (default: +)")
+    p.add_argument("--tenant", help="only this tenant's events and goals")
+    p.add_argument("--workflow", help="only this workflow's goals")
+    p.add_argument("--dry-run", action="store_true", help="report what would be written")
+    p.add_argument("--batch-size", type=int, help="GOALSTREAM_BATCH_SIZE")
+    p.set_defaults(handler=cmd_replay)
 
     p = sub.add_parser("publish", help="add one event to its stream")
     _common(p)
@@ -199,12 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dlq", help="list and requeue dead-lettered entries")
     _common(p)
-    p.set_defaults(handler=_not_built("dlq"))
+    p.add_argument("action", nargs="?", choices=["list", "requeue"], default="list")
+    p.add_argument("--id", action="append", help="a dead letter's id (repeatable)")
+    p.add_argument("--all", action="store_true", help="requeue every dead letter")
+    p.add_argument("--count", type=int, default=100, help="how many to list")
+    p.set_defaults(handler=cmd_dlq)
 
     p = sub.add_parser("trim", help="trim streams by age, never dropping unprocessed entries")
     _common(p)
     p.add_argument("--keep-days", type=float)
-    p.set_defaults(handler=_not_built("trim"))
+    p.set_defaults(handler=cmd_trim)
 
     p = sub.add_parser("bench", help="benchmark against the Redis ceiling and the naive design")
     _common(p)

@@ -1,0 +1,56 @@
+"""`goalstream dlq`: look at dead-lettered entries and requeue them after a fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from goalstream.settings import Settings
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+async def list_dead(
+    redis: aioredis.Redis, settings: Settings, *, count: int = 100
+) -> list[dict[str, str]]:
+    """The oldest `count` dead letters, each with its DLQ id as `dlq_id`."""
+    entries: Any = await redis.xrange(settings.dlq_stream, count=count)
+    out = []
+    for dlq_id, fields in entries:
+        item = {_text(k): _text(v) for k, v in fields.items()}
+        item["dlq_id"] = _text(dlq_id)
+        out.append(item)
+    return out
+
+
+async def requeue(
+    redis: aioredis.Redis, settings: Settings, ids: list[str] | None = None
+) -> list[tuple[str, str]]:
+    """Put dead letters back on their original streams (all, or the given DLQ ids).
+
+    Each is added to its stream and removed from the dead-letter stream in one MULTI/EXEC, so a
+    crash never loses one (it can at worst be requeued twice, which the worker dedupes).
+    Returns (dlq id, new entry id) pairs.
+    """
+    targets: Any
+    if ids is None:
+        targets = await redis.xrange(settings.dlq_stream)
+    else:
+        targets = []
+        for dlq_id in ids:
+            found: Any = await redis.xrange(settings.dlq_stream, dlq_id, dlq_id)
+            if not found:
+                raise KeyError(f"no dead letter with id {dlq_id}")
+            targets += found
+    moved: list[tuple[str, str]] = []
+    for dlq_id, fields in targets:
+        stream = _text(fields[b"stream"])
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {"data": fields.get(b"data", b"")})
+            pipe.xdel(settings.dlq_stream, dlq_id)
+            new_id, _ = await pipe.execute()
+        moved.append((_text(dlq_id), _text(new_id)))
+    return moved

@@ -1,0 +1,54 @@
+"""`goalstream trim`: drop old stream entries, never one that a consumer group still needs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _after(entry_id: str) -> str:
+    ms, seq = _id_key(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+async def safe_min_id(redis: aioredis.Redis, stream: str, cutoff_ms: int) -> str:
+    """The MINID to trim to: the age cutoff, held back by every group's unfinished entries.
+
+    An entry is still needed while a group has not yet delivered it (it is after the group's
+    last-delivered id) or has delivered but not acknowledged it (it is in the group's PEL).
+    """
+    floor = f"{cutoff_ms}-0"
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return "0-0"  # no such stream
+    for group in groups:
+        name = _text(group["name"])
+        bounds = [_after(_text(group["last-delivered-id"]))]
+        summary = await redis.xpending(stream, name)
+        if summary["pending"]:
+            bounds.append(_text(summary["min"]))
+        floor = min([floor, *bounds], key=_id_key)
+    return floor
+
+
+async def trim(redis: aioredis.Redis, streams: list[str], keep_days: float) -> dict[str, int]:
+    """Trim each stream to entries younger than keep_days (as far as groups allow)."""
+    cutoff_ms = int((time.time() - keep_days * 86400) * 1000)
+    removed: dict[str, int] = {}
+    for stream in streams:
+        min_id = await safe_min_id(redis, stream, cutoff_ms)
+        removed[stream] = int(await redis.xtrim(stream, minid=min_id, approximate=False))
+    return removed
