@@ -7,8 +7,6 @@ rate cannot pass 1 however many `measure` goals one enrolment meets.
 
 from __future__ import annotations
 
-import math
-import time
 import uuid
 from datetime import date
 
@@ -21,7 +19,7 @@ from goalstream.goals import GoalType
 
 # Cache and rate-limit keys, per tenant (and workflow): the limit holds across admin processes.
 STATS_CACHE_KEY = "goalstream:admin:stats:{tenant}:{workflow}"
-RATE_LIMIT_KEY = "goalstream:admin:ratelimit:stats:{tenant}:{window}"
+RATE_LIMIT_KEY = "goalstream:admin:ratelimit:stats:{tenant}"
 
 # Default stats requests a tenant may make per window (cache hits count too: the limit protects
 # the database and Redis alike from a client in a loop).
@@ -143,7 +141,11 @@ class StatsCache:
 
 
 class RateLimiter:
-    """A fixed-window counter per tenant in Redis, shared by every admin process."""
+    """A counter per tenant in Redis, shared by every admin process.
+
+    The window opens at a tenant's first request and lasts `window_seconds`; `Retry-After` is
+    the time left in it.
+    """
 
     def __init__(
         self,
@@ -157,14 +159,12 @@ class RateLimiter:
 
     async def hit(self, tenant_id: uuid.UUID) -> int | None:
         """Count one request; None if allowed, else the seconds until the window resets."""
-        now = time.time()
-        window = int(now // self.window)
-        key = RATE_LIMIT_KEY.format(tenant=tenant_id, window=window)
+        key = RATE_LIMIT_KEY.format(tenant=tenant_id)
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, 0, ex=self.window, nx=True)  # opens a window if none is open
             pipe.incr(key)
-            # The key is this window's alone, so setting its expiry every time is harmless.
-            pipe.expire(key, self.window + 1)
-            count, _ = await pipe.execute()
+            pipe.ttl(key)
+            _, count, ttl = await pipe.execute()
         if int(count) <= self.limit:
             return None
-        return max(1, math.ceil((window + 1) * self.window - now))
+        return max(1, int(ttl))
