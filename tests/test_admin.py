@@ -260,8 +260,8 @@ async def test_health_ready_metrics_and_openapi(alice: Caller) -> None:
     assert "/api/v1/workflows/{workflow_id}/goals/stats" in document["paths"]
 
 
-async def test_readyz_is_503_when_a_server_is_down(settings: Settings) -> None:
-    """With PostgreSQL or Redis unreachable, /readyz answers 503 (and /healthz still 200)."""
+async def test_server_down_is_503_never_500(alice: Caller, settings: Settings) -> None:
+    """With PostgreSQL or Redis unreachable, /readyz and the API answer 503; /healthz 200."""
     dead = "127.0.0.1:1"
     for broken in (
         Settings(database_url=f"postgresql://postgres@{dead}/x", redis_url=settings.redis_url),
@@ -271,6 +271,9 @@ async def test_readyz_is_503_when_a_server_is_down(settings: Settings) -> None:
             assert (await client.get("/healthz")).status_code == 200
             ready = await client.get("/readyz")
             assert ready.status_code == 503, ready.text
+            stats = await client.get(alice.goals_path() + "/stats", headers=alice.headers)
+            assert stats.status_code == 503, stats.text
+            assert stats.headers["retry-after"] == "1"
 
 
 async def test_api_key_cli_prints_a_working_key(

@@ -180,6 +180,7 @@ def create_app(
             ),
         ),
         debug=False,
+        logging_config=None,  # structlog (goalstream.log) owns the logging set-up
     )
 
 
@@ -187,6 +188,8 @@ def serve(settings: Settings) -> None:
     """Run the admin API on uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
+    base = f"http://{settings.admin_host}:{settings.admin_port}"
+    log.info("admin API starting", url=base, openapi=f"{base}{OPENAPI_PATH}/openapi.json")
     uvicorn.run(
         create_app(settings),
         host=settings.admin_host,
