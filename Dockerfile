@@ -11,15 +11,15 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/goalstream
 WORKDIR /src
 # Metadata first, code last: edits to goalstream/ do not invalidate the layers above.
 COPY pyproject.toml README.md ./
 COPY sql/ sql/
 COPY goalstream/ goalstream/
-# A non-editable install: the package goes to site-packages and the migrations to
+# A non-editable install: the package goes to site-packages (byte-compiled here, since the
+# runtime's file system may be read-only) and the migrations to
 # /opt/goalstream/share/goalstream/sql, where `goalstream migrate` looks for them.
 RUN /opt/goalstream/bin/pip install --no-cache-dir . \
     && /opt/goalstream/bin/python -c "from goalstream.migrate import sql_dir; print(sql_dir())"

@@ -40,6 +40,7 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS_RULE = DEPLOY / "k8s" / "prometheusrule.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "goalstream.json"
 COMPOSE = DEPLOY / "docker-compose.yml"
+RUNBOOK = DEPLOY / "RUNBOOK.md"
 K8S = DEPLOY / "k8s"
 
 # The worker's drain deadline after SIGTERM; Kubernetes and compose must wait longer than this.
@@ -126,6 +127,20 @@ def check_prometheus_rule(write: bool) -> None:
         )
     else:
         ok("PrometheusRule carries the groups of alerts.yml")
+
+
+def check_runbook() -> None:
+    """Every alert links to a section of RUNBOOK.md named after it."""
+    headings = set(re.findall(r"^### (\w+)$", RUNBOOK.read_text(), re.MULTILINE))
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
+    for rule in alerts:
+        name = rule["alert"]
+        if name not in headings:
+            fail(f"RUNBOOK.md has no section '### {name}'")
+        if rule["annotations"].get("runbook_url") != f"RUNBOOK.md#{name.lower()}":
+            fail(f"{name}: runbook_url does not point at its RUNBOOK.md section")
+    ok(f"RUNBOOK.md has a section for each of the {len(alerts)} alerts")
 
 
 # -- metric names -------------------------------------------------------------------------------
@@ -421,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     check_prometheus_rule(args.write_prometheusrule)
+    check_runbook()
     exported = exported_series_names() | {"up"}
     check_metric_names("alerts.yml", alert_exprs(), exported)
     check_metric_names("dashboard", dashboard_exprs(), exported)
