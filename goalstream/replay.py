@@ -42,10 +42,12 @@ class ReplaySummary(msgspec.Struct):
 
 
 def parse_position(value: str | None, *, default: str) -> str:
-    """A stream position from an entry id (`1700000000000-0`), milliseconds, or a timestamp."""
+    """A stream position from an entry id (`1700000000000-0`, `(` for exclusive), milliseconds,
+    or an RFC 3339 timestamp with offset."""
     if value is None or value in ("-", "+"):
         return value or default
-    if value.replace("-", "").isdigit() and value.count("-") <= 1:
+    bare = value.removeprefix("(")  # "(" makes an id exclusive, as in XRANGE
+    if bare.replace("-", "").isdigit() and bare.count("-") <= 1:
         return value
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -61,7 +63,7 @@ def parse_position(value: str | None, *, default: str) -> str:
 def _millis(position: str, fallback: int) -> int:
     if position in ("-", "+"):
         return fallback
-    return int(position.split("-", 1)[0])
+    return int(position.lstrip("(").split("-", 1)[0])
 
 
 class _StreamReader:

@@ -6,7 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -141,6 +141,9 @@ class World:
         self, workflow_id: uuid.UUID, contact_id: uuid.UUID, **kwargs: Any
     ) -> uuid.UUID:
         tenant_id = kwargs.pop("tenant_id", None) or self.tenant_id
+        # Events without occurred_at take their stream entry's millisecond, which can fall a
+        # fraction of a millisecond before an enrolment made just before: enrol a second ago.
+        kwargs.setdefault("enrolled_at", datetime.now(UTC) - timedelta(seconds=1))
         return await seed.enrollment(self.db, tenant_id, workflow_id, contact_id, **kwargs)
 
     async def goal(
