@@ -43,8 +43,11 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
 K8S = DEPLOY / "k8s"
 
-# The worker's drain deadline after SIGTERM; Kubernetes and compose must wait longer than this.
-DRAIN_SECONDS = 30
+# The worker's drain deadline after SIGTERM when GOALSTREAM_SHUTDOWN_TIMEOUT_SECONDS is not set
+# in the manifests (taken as 30 s, above the worker's default); Kubernetes and compose must wait
+# longer than the deadline before they kill a worker.
+DRAIN_SECONDS = 30.0
+DRAIN_VARIABLE = "GOALSTREAM_SHUTDOWN_TIMEOUT_SECONDS"
 # Kubernetes versions the core manifests must validate against (oldest supported, newest).
 K8S_VERSIONS = ("1.29.0", "latest")
 # Kinds that are not in the Kubernetes API schemas: parsed and checked here instead.
@@ -290,7 +293,7 @@ def check_custom_resources(docs: list[dict[str, Any]]) -> None:
     config = _find(docs, "ConfigMap", "goalstream-config")
     if worker is None or admin_service is None or config is None:
         return
-    check_worker(worker)
+    check_worker(worker, float(config["data"].get(DRAIN_VARIABLE, DRAIN_SECONDS)))
     check_keda(docs, worker, config)
     check_monitors(docs, worker, admin_service)
     rule = _find(docs, "PrometheusRule", "goalstream")
@@ -298,12 +301,12 @@ def check_custom_resources(docs: list[dict[str, Any]]) -> None:
         fail("the rendered PrometheusRule differs from alerts.yml")
 
 
-def check_worker(worker: dict[str, Any]) -> None:
+def check_worker(worker: dict[str, Any], drain: float) -> None:
     grace = worker["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-    if grace <= DRAIN_SECONDS:
-        fail(f"worker terminationGracePeriodSeconds {grace} <= the {DRAIN_SECONDS} s drain")
+    if grace <= drain:
+        fail(f"worker terminationGracePeriodSeconds {grace} <= the {drain:g} s drain deadline")
     else:
-        ok(f"worker grace period {grace} s > {DRAIN_SECONDS} s drain")
+        ok(f"worker grace period {grace} s > {drain:g} s drain deadline")
 
 
 def check_keda(docs: list[dict[str, Any]], worker: dict[str, Any], config: dict[str, Any]) -> None:
@@ -398,7 +401,8 @@ def check_compose() -> None:
     worker = services["worker"]
     if worker.get("deploy", {}).get("replicas") != 3:
         fail("docker-compose.yml: not three workers")
-    if _seconds(worker.get("stop_grace_period", "10s")) <= DRAIN_SECONDS:
+    drain = float(worker.get("environment", {}).get(DRAIN_VARIABLE, DRAIN_SECONDS))
+    if _seconds(worker.get("stop_grace_period", "10s")) <= drain:
         fail("docker-compose.yml: worker stop_grace_period is not above the drain deadline")
     for name in ("worker", "admin"):
         condition = services[name].get("depends_on", {}).get("migrate", {}).get("condition")
