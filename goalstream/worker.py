@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -239,17 +240,20 @@ class Worker:
         matches = evaluate(valid, self.cache.index)
         self.metrics.evaluations.inc(len(valid))
         bound = log.bind(batch_id=batch_id, entries=len(entries))
-        return Batch(entries, valid, invalid, matches, bound, started)
+        return Batch(entries, valid, invalid, matches, bound, time.perf_counter() - started)
 
     async def commit(self, batch: Batch) -> bool:
         """Commit a prepared batch's effects; False if stopped before it committed."""
+        started = time.perf_counter()
         outcome = await self._commit(batch.valid, batch.matches, batch.log)
         if outcome is None:
             return False
         batch.result, failed = outcome
         batch.dead = batch.invalid + failed
         batch.committed_at = time.time()
-        self.metrics.evaluation_latency.observe(time.perf_counter() - batch.started)
+        # Matching in memory plus the eligibility check and write in SQL; not queueing time.
+        elapsed = batch.evaluated_in + time.perf_counter() - started
+        self.metrics.evaluation_latency.observe(elapsed)
         return True
 
     async def settle(self, batch: Batch) -> bool:
@@ -370,6 +374,7 @@ class Worker:
                 "entry dead-lettered",
                 stream=invalid.entry.stream,
                 entry_id=invalid.entry.entry_id,
+                tenant_id=_tenant_of(invalid.entry),
                 reason=invalid.reason,
             )
         if result.announcements:
@@ -402,19 +407,29 @@ class Worker:
 
     async def _housekeeping(self) -> None:
         """Relay orphaned outbox rows and sample the group's backlog, every few seconds."""
+        interval = min(_HOUSEKEEPING_SECONDS, self.settings.outbox_orphan_seconds)
         while True:
-            await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+            await asyncio.sleep(interval)
+            # Sample first and on its own: while PostgreSQL is down (the relay fails) the
+            # backlog gauges must keep moving, since that is when the backlog alerts matter.
+            try:
+                await self.sample_backlog()
+            except Exception as exc:
+                log.warning("backlog sampling failed; will retry", error=repr(exc))
             try:
                 if len(self._published) >= _PUBLISHED_FLUSH:
                     await self._flush_published()
                 await relay_outbox(self.pool, self.consumer, self.settings.outbox_orphan_seconds)
                 await self.consumer.forget_stale_consumers(self.settings.stale_consumer_ms)
-                for stream, (pending, lag) in (await self.consumer.group_backlog()).items():
-                    self.metrics.consumer_pending.labels(stream).set(pending)
-                    if lag is not None:
-                        self.metrics.consumer_lag.labels(stream).set(lag)
             except Exception as exc:
                 log.warning("housekeeping failed; will retry", error=repr(exc))
+
+    async def sample_backlog(self) -> None:
+        """Set the pending and lag gauges from XINFO GROUPS, now."""
+        for stream, (pending, lag) in (await self.consumer.group_backlog()).items():
+            self.metrics.consumer_pending.labels(stream).set(pending)
+            if lag is not None:
+                self.metrics.consumer_lag.labels(stream).set(lag)
 
     async def _retry(self, component: str, call: Callable[[], Awaitable[T]]) -> T | None:
         """Run `call`, retrying transient failures with backoff; None if stopped meanwhile."""
@@ -457,7 +472,7 @@ class Batch:
     invalid: list[Invalid]
     matches: list[tuple[int, Goal]]
     log: structlog.typing.FilteringBoundLogger
-    started: float
+    evaluated_in: float  # seconds spent decoding and matching in memory
     result: CommitResult | None = None
     dead: list[Invalid] = field(default_factory=list)
     committed_at: float = 0.0
@@ -471,7 +486,28 @@ class _EntryError(Exception):
         self.reason = reason
 
 
+class _TenantOnly(msgspec.Struct):
+    """Only an envelope's tenant, read leniently from an entry that failed (for log context)."""
+
+    tenant_id: str | None = None
+
+
+_TENANT_DECODER = msgspec.json.Decoder(_TenantOnly)
+
+
+def _tenant_of(entry: Entry) -> str | None:
+    """The tenant_id an entry's JSON names, when it can be read; never raises."""
+    if entry.data is None:
+        return None
+    try:
+        return _TENANT_DECODER.decode(entry.data).tenant_id
+    except msgspec.DecodeError:  # malformed JSON, not an object, or tenant_id not a string
+        return None
+
+
 def _reason_label(reason: str) -> str:
+    if reason.startswith("delivered "):
+        return "max_deliveries"  # the message carries the count: keep the label set small
     return reason.split(":", 1)[0].replace(" ", "_")[:40]
 
 

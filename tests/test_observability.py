@@ -283,11 +283,6 @@ async def json_logs(capsys: pytest.CaptureFixture[str]) -> AsyncIterator[list[di
     records += [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs worker.py to bind tenant_id on dead-letter lines (issue 5 report); "
-    "remove this mark when it does",
-)
 async def test_dead_letter_line_names_the_entrys_tenant(
     world: World, captured_stderr: pytest.CaptureFixture[str]
 ) -> None:
@@ -298,10 +293,13 @@ async def test_dead_letter_line_names_the_entrys_tenant(
     malformed = await world.send_raw(TAG, b"{not json")
     async with json_logs(captured_stderr) as records:
         await world.run_worker()
-    lines = {r["entry_id"]: r for r in records if r.get("event") == "entry dead-lettered"}
-    assert set(lines) == {bad, malformed}
-    assert lines[bad]["tenant_id"] == str(world.tenant_id)
-    assert lines[malformed].get("tenant_id") is None
+    lines = {
+        (r["stream"], r["entry_id"]): r for r in records if r.get("event") == "entry dead-lettered"
+    }
+    bad_key, malformed_key = (world.stream(PAY), bad), (world.stream(TAG), malformed)
+    assert set(lines) == {bad_key, malformed_key}
+    assert lines[bad_key]["tenant_id"] == str(world.tenant_id)
+    assert lines[malformed_key].get("tenant_id") is None
 
 
 def test_console_format_is_readable_not_json(capsys: pytest.CaptureFixture[str]) -> None:
