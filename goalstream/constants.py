@@ -33,4 +33,3 @@ GOALS_CHANNEL = "goalstream_goals"
 
 # Advisory lock key that serialises concurrent `goalstream migrate` runs ("goalstrm").
 MIGRATION_LOCK_KEY = 0x676F616C7374726D
-
