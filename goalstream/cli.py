@@ -241,6 +241,12 @@ def cmd_trim(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from goalstream.dev import main as dev_main
+
+    return dev_main(args, settings)
+
+
 def _not_built(name: str) -> Handler:
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         print(f"goalstream {name}: not built yet in this version", file=sys.stderr)
@@ -348,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--demo-events", type=int, default=0)
     p.add_argument("--exit-after-demo", action="store_true")
-    p.set_defaults(handler=_not_built("dev"))
+    p.set_defaults(handler=cmd_dev)
     return parser
 
 
