@@ -378,6 +378,8 @@ class ChildResult(msgspec.Struct, kw_only=True):
     index: int
     processed: int = 0
     last: float = 0.0  # wall-clock time its last batch was settled
+    cpu_start: float = 0.0  # process CPU time when the gate opened
+    cpu_seconds: float = 0.0  # process CPU time from the gate to the last batch
     latencies_ms: list[float] = []
     rss_mb: float = 0.0  # after start-up, with the goal cache loaded
     peak_rss_mb: float = 0.0
@@ -420,6 +422,7 @@ class TimedConsumer(StreamConsumer):
             self.result.latencies_ms.extend(now_ms - e.millis for e in entries)
         self.result.processed += len(entries)
         self.result.last = now
+        self.result.cpu_seconds = time.process_time() - self.result.cpu_start
         return settled
 
 
@@ -483,6 +486,7 @@ async def _run_naive(settings: Settings, gate: Gate, result: ChildResult, burst:
             await subscriber.handle_entry(entry)
         result.processed += len(entries)
         result.last = time.time()
+        result.cpu_seconds = time.process_time() - result.cpu_start
 
     try:
         await subscriber.start()
@@ -521,6 +525,7 @@ def child_main(kind: str, index: int, settings: Settings, burst: bool, queue: An
     async def gate() -> None:
         queue.put(("ready", index, b""))
         await asyncio.to_thread(go.wait)
+        result.cpu_start = time.process_time()
 
     try:
         asyncio.run(RUNNERS[kind](settings, gate, result, burst))
@@ -533,7 +538,15 @@ def child_main(kind: str, index: int, settings: Settings, burst: bool, queue: An
 class Children:
     """N measured processes of one kind, started together once all of them are ready."""
 
-    def __init__(self, kind: str, settings: Sequence[Settings], *, burst: bool = True) -> None:
+    def __init__(
+        self,
+        kind: str,
+        settings: Sequence[Settings],
+        *,
+        burst: bool = True,
+        tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.tick = tick
         ctx = multiprocessing.get_context("spawn")
         self.queue = ctx.Queue()
         self.go = ctx.Event()
@@ -558,6 +571,7 @@ class Children:
             if what == "done":  # a child that failed before its gate
                 raise BenchError(msgspec.msgpack.decode(payload, type=ChildResult).error)
             ready += 1
+        self.tick()
         self.started_at = time.time()
         self.go.set()
 
@@ -582,11 +596,77 @@ class Children:
     def _get(self) -> tuple[str, int, bytes]:
         while True:
             with contextlib.suppress(Exception):
-                message: tuple[str, int, bytes] = self.queue.get(timeout=1.0)
+                message: tuple[str, int, bytes] = self.queue.get(timeout=0.2)
                 return message
+            self.tick()
             dead = [p for p in self.procs if p.exitcode not in (None, 0)]
             if dead:
                 raise BenchError(f"{dead[0].name} died with exit code {dead[0].exitcode}")
+
+
+class BackendCpu:
+    """CPU time of the PostgreSQL backends serving one database, read from /proc.
+
+    Only a server on this host can be seen; backends are found by their process title
+    ("postgres: user db host idle") and re-sampled until they exit.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.tag = f" {database} ".encode()
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def sample(self) -> None:
+        """Read the CPU time of every backend of the database now."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    self._sample_one(entry.name)
+
+    def _sample_one(self, pid: str) -> None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read(200)
+            if not title.startswith(b"postgres:") or self.tag not in title:
+                return
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return
+        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        self.first.setdefault(pid, seconds)
+        self.last[pid] = seconds
+
+    def seconds(self) -> float | None:
+        """CPU seconds used since each backend was first seen; None if none was seen."""
+        if not self.last:
+            return None
+        return sum(self.last[pid] - self.first[pid] for pid in self.last)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    """The Redis server's own CPU time (all its clients: others' load shows up here too)."""
+    info: dict[str, Any] = client.info("cpu")
+    return float(info.get("used_cpu_sys", 0)) + float(info.get("used_cpu_user", 0))
+
+
+def cpu_per_event(
+    results: Sequence[ChildResult], postgres: float | None, redis_server: float, events: int
+) -> dict[str, float | None]:
+    """CPU microseconds per event: the measured processes, their backends, the Redis server."""
+    n = max(1, events)
+    processes = sum(r.cpu_seconds for r in results) * 1e6 / n
+    pg = None if postgres is None else postgres * 1e6 / n
+    rs = redis_server * 1e6 / n
+    return {
+        "processes": round(processes, 1),
+        "postgres": None if pg is None else round(pg, 1),
+        "redis_server": round(rs, 1),
+        "total": round(processes + (pg or 0.0) + rs, 1),
+    }
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -612,7 +692,8 @@ class Bench:
         self.config = config
         self.prefix = f"gsbench{os.getpid()}:"
         self.admin_dsn = settings.database_url
-        self.dsn = with_database(settings.database_url, f"goalstream_bench_{os.getpid()}")
+        self.database = f"goalstream_bench_{os.getpid()}"
+        self.dsn = with_database(settings.database_url, self.database)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.base = Settings(
             redis_url=settings.redis_url,
@@ -688,15 +769,20 @@ class Bench:
 
     def drain(self, kind: str, round_no: int) -> dict[str, Any]:
         """Drain the preloaded events once with N processes of `kind`; the figures."""
-        children = Children(kind, self._settings_for(kind, f"bench-{kind}-{round_no}"))
+        backends = BackendCpu(self.database)
+        settings = self._settings_for(kind, f"bench-{kind}-{round_no}")
+        children = Children(kind, settings, tick=backends.sample)
         children.start()
+        redis_before = redis_cpu_seconds(self.redis)
         results = children.results()
+        redis_used = redis_cpu_seconds(self.redis) - redis_before
         processed = sum(r.processed for r in results)
         seconds = max(r.last for r in results) - children.started_at
         figures: dict[str, Any] = {
             "events": processed,
             "seconds": round(seconds, 3),
             "events_per_s": round(processed / seconds) if seconds > 0 else 0,
+            "cpu_us_per_event": cpu_per_event(results, backends.seconds(), redis_used, processed),
         }
         if kind == "goalstream":
             self._worker_memory(results)
@@ -900,22 +986,14 @@ def render(report: dict[str, Any]) -> str:
         ]
     else:
         lines += [
-            "| run | events | seconds | events/s | achievements | achievements/s | vs ceiling |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| run | events | seconds | events/s | achievements | achievements/s | vs ceiling "
+            "| CPU µs/event: processes + postgres + redis = total |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         top = report["ceiling"]["events_per_s"]
         for kind in ("ceiling", "goalstream", "naive"):
             if kind in report:
-                r = report[kind]
-                ach = (
-                    f"{r['achievements']:,} | {r['achievements_per_s']:,}"
-                    if kind != "ceiling"
-                    else "- | -"
-                )
-                lines.append(
-                    f"| {kind} | {r['events']:,} | {r['seconds']} | {r['events_per_s']:,} | {ach} "
-                    f"| {r['events_per_s'] / top:.0%} |"
-                )
+                lines.append(_row(kind, report[kind], top))
         ratios = report["ratios"]
         lines.append("")
         lines.append(
@@ -934,6 +1012,17 @@ def render(report: dict[str, Any]) -> str:
     )
     lines.append(f"check: {json.dumps(report['check'])}")
     return "\n".join(lines)
+
+
+def _row(kind: str, r: dict[str, Any], top: float) -> str:
+    ach = "- | -" if kind == "ceiling" else f"{r['achievements']:,} | {r['achievements_per_s']:,}"
+    cpu = r["cpu_us_per_event"]
+    pg = "?" if cpu["postgres"] is None else cpu["postgres"]
+    return (
+        f"| {kind} | {r['events']:,} | {r['seconds']} | {r['events_per_s']:,} | {ach} "
+        f"| {r['events_per_s'] / top:.0%} "
+        f"| {cpu['processes']} + {pg} + {cpu['redis_server']} = {cpu['total']} |"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:

@@ -89,6 +89,9 @@ async def test_bench_reports_every_figure_and_one_answer(
     for kind in ("ceiling", "goalstream", "naive"):
         assert report[kind]["events"] == events, kind
         assert_figures(report[kind], "seconds", "events_per_s")
+        cpu = report[kind]["cpu_us_per_event"]
+        assert cpu["processes"] > 0, kind
+        assert_figures(cpu, "redis_server", "total")
     for kind in ("goalstream", "naive"):
         assert_figures(report[kind], "achievements", "achievements_per_s", "queued_e2e_ms")
     expected = report["setup"]["expected_achievements"]
