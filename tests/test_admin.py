@@ -116,6 +116,22 @@ async def test_invalid_goal_is_400_naming_the_field(
     assert listed.json() == {"items": []}
 
 
+@pytest.mark.parametrize("depth", [50, 900, 5000])
+async def test_deeply_nested_body_is_400(alice: Caller, depth: int) -> None:
+    """A body nested deeper than anything valid (even past the parser's limit) is 400."""
+    nested = '{"a":' * depth + "1" + "}" * depth
+    body = '{"goal_type": "tag_added", "criteria": ' + nested + "}"
+    headers = {**alice.headers, "Content-Type": "application/json"}
+    goal = await alice.create(TAG_GOAL)
+    for method, path in [
+        ("POST", alice.goals_path()),
+        ("PATCH", f"{alice.goals_path()}/{goal['id']}"),
+    ]:
+        response = await alice.client.request(method, path, content=body, headers=headers)
+        assert response.status_code == 400, (depth, method, response.text)
+    assert (await alice.request("GET", alice.goals_path())).json()["items"] == [goal]
+
+
 async def test_invalid_patch_is_400_and_changes_nothing(alice: Caller) -> None:
     """A PATCH whose new type does not fit the goal's criteria, or with bad fields, is 400."""
     goal = await alice.create(TAG_GOAL)

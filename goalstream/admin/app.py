@@ -69,6 +69,12 @@ def _unavailable(request: Request[object, object, State], exc: Exception) -> Res
     )
 
 
+def _too_deep(request: Request[object, object, State], exc: Exception) -> Response[object]:
+    # msgspec refuses JSON nested past Python's recursion limit by raising RecursionError.
+    detail = "the request body is nested too deeply"
+    return Response({"status_code": 400, "detail": detail}, status_code=400)
+
+
 def _name_fields(request: Request[object, object, State], exc: Exception) -> Response[object]:
     """Litestar's body errors say `data`; name the field inside the body instead."""
     assert isinstance(exc, ValidationException)
@@ -156,6 +162,7 @@ def create_app(
         ],
         exception_handlers={
             ValidationException: _name_fields,
+            RecursionError: _too_deep,
             **{exc: _unavailable for exc in _UNAVAILABLE},
         },
         openapi_config=OpenAPIConfig(
