@@ -44,7 +44,9 @@ WORKFLOWS: list[tuple[str, list[tuple[str, dict[str, Any], str, int | None]]]] =
         ],
     ),
 ]
-CONTACTS = 400
+# Contacts scale with the demo's events (about eight events each), within these bounds, so
+# that conversion stays short of 100% whatever the demo's size.
+MIN_CONTACTS, MAX_CONTACTS, EVENTS_PER_CONTACT = 200, 5000, 8
 ENROLL_SHARE = 0.6  # each contact joins each workflow with this probability
 PENDING_ACTIONS, WAITS = 2, 1
 INVALID_EVERY = 500  # one invalid event per this many (at least one): a few, not a flood
@@ -66,7 +68,14 @@ class DemoTenant:
     enrollments: int
 
 
-async def seed_demo(conn: asyncpg.Connection, rng: random.Random) -> DemoTenant:
+def contacts_for(events: int) -> int:
+    """How many contacts a demo of this many events gets."""
+    return max(MIN_CONTACTS, min(MAX_CONTACTS, events // EVENTS_PER_CONTACT))
+
+
+async def seed_demo(
+    conn: asyncpg.Connection, rng: random.Random, contacts: int = MIN_CONTACTS
+) -> DemoTenant:
     """A fresh demo tenant: workflows, goals, contacts, enrolments, pending actions and waits."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
     tenant_id = await seed.tenant(conn, f"goalstream demo {stamp}")
@@ -86,10 +95,10 @@ async def seed_demo(conn: asyncpg.Connection, rng: random.Random) -> DemoTenant:
                 conversion_window_seconds=window,
             )
             goals += 1
-    contacts = list(await seed.contacts(conn, tenant_id, CONTACTS))
+    contact_ids = list(await seed.contacts(conn, tenant_id, contacts))
     now = datetime.now(UTC)
     enrollments = 0
-    for contact_id in contacts:
+    for contact_id in contact_ids:
         for workflow_id in workflows:
             if rng.random() >= ENROLL_SHARE:
                 continue
@@ -104,7 +113,7 @@ async def seed_demo(conn: asyncpg.Connection, rng: random.Random) -> DemoTenant:
                 waits=WAITS,
             )
             enrollments += 1
-    return DemoTenant(tenant_id, workflows, goals, contacts, enrollments)
+    return DemoTenant(tenant_id, workflows, goals, contact_ids, enrollments)
 
 
 def event_data(event_type: str, rng: random.Random) -> dict[str, Any]:
@@ -193,6 +202,10 @@ class WorkflowLine:
     conversion_rate: float
 
 
+def _compact(criteria: str) -> str:
+    return msgspec.json.encode(msgspec.json.decode(criteria)).decode()
+
+
 _PER_GOAL = """
 SELECT g.id, w.name, g.goal_type::text AS goal_type, g.criteria::text AS criteria, g.mode,
        count(a.id)::bigint AS achievements
@@ -210,7 +223,14 @@ async def summary(
 ) -> tuple[list[GoalLine], list[WorkflowLine]]:
     """Achievements per goal and conversion per workflow, from the database."""
     goals = [
-        GoalLine(r["id"], r["name"], r["goal_type"], r["criteria"], r["mode"], r["achievements"])
+        GoalLine(
+            r["id"],
+            r["name"],
+            r["goal_type"],
+            _compact(r["criteria"]),
+            r["mode"],
+            r["achievements"],
+        )
         for r in await conn.fetch(_PER_GOAL, demo.tenant_id)
     ]
     workflows = []

@@ -384,7 +384,8 @@ class Dev:
             await redis.aclose()
 
     async def _run(self, conn: asyncpg.Connection, redis: aioredis.Redis) -> int:
-        tenant = await demo.seed_demo(conn, self.rng)
+        contacts = demo.contacts_for(self.options.demo_events)
+        tenant = await demo.seed_demo(conn, self.rng, contacts)
         key = await apikeys.create_api_key(conn, tenant.tenant_id)
         await StreamConsumer(redis, self.settings).ensure_groups()
         if not await self._start_children():
@@ -542,13 +543,14 @@ class Dev:
     ) -> None:
         out = self.out
         per_goal = Table(title="Achievements per goal")
-        for column in ("workflow", "goal", "criteria", "mode"):
-            per_goal.add_column(column)
-        per_goal.add_column("achievements", justify="right")
-        per_goal.add_column("goal id")
+        per_goal.add_column("goal id", no_wrap=True)
+        for column in ("workflow", "goal", "mode"):
+            per_goal.add_column(column, no_wrap=True)
+        per_goal.add_column("criteria")
+        per_goal.add_column("achievements", justify="right", no_wrap=True)
         for g in goals:
             per_goal.add_row(
-                g.workflow, g.goal_type, g.criteria, g.mode, str(g.achievements), str(g.goal_id)
+                str(g.goal_id)[:8], g.workflow, g.goal_type, g.mode, g.criteria, str(g.achievements)
             )
         per_workflow = Table(title="Conversion per workflow")
         per_workflow.add_column("workflow")
