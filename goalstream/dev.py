@@ -388,15 +388,19 @@ class Dev:
         tenant = await demo.seed_demo(conn, self.rng, contacts)
         key = await apikeys.create_api_key(conn, tenant.tenant_id)
         await StreamConsumer(redis, self.settings).ensure_groups()
-        if not await self._start_children():
+        started = await self._start_children()
+        if self.stop.is_set():  # Ctrl-C: not a failure
+            return 0
+        if not started:
             return 1
         self._banner(tenant, key)
-        if self.options.demo_events > 0 and not self.stop.is_set():
-            if not await self._demo(conn, redis, tenant):
-                return 1
-            if self.options.exit_after_demo:
+        if self.options.demo_events > 0:
+            finished = await self._demo(conn, redis, tenant)
+            if self.stop.is_set():
                 return 0
-        elif self.options.exit_after_demo:
+            if not finished:
+                return 1
+        if self.options.exit_after_demo:
             return 0
         self.out.print("[bold]Running.[/] Press Ctrl-C to stop.")
         return await self._wait_until_stopped()
