@@ -112,11 +112,14 @@ class GoalCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+            try:
+                await asyncio.wait_for(self._conn.close(), 3)
+            except TimeoutError:
+                self._conn.terminate()
 
     async def _connect(self) -> None:
         self._conn = await asyncpg.connect(
-            self._dsn, server_settings={"application_name": "goalstream-cache"}
+            self._dsn, timeout=10, server_settings={"application_name": "goalstream-cache"}
         )
         await self._conn.add_listener(constants.GOALS_CHANNEL, self._on_notify)
         self._conn.add_termination_listener(self._on_lost)

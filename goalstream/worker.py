@@ -50,6 +50,8 @@ T = TypeVar("T")
 # Outbox rows published but not yet deleted are deleted with the next batch's statement, or
 # on their own once this many have piled up or the streams go idle.
 _PUBLISHED_FLUSH = 1000
+# How long each step of closing may take before it is abandoned.
+_CLOSE_STEP_SECONDS = 3.0
 # Batches read and evaluated ahead of the one being committed.
 _PIPELINE_DEPTH = 2
 # How often the worker relays orphaned outbox rows and samples the group's backlog.
@@ -134,8 +136,9 @@ class Worker:
         # re-planning it per batch would cost more than running it.
         return await asyncpg.create_pool(
             self.settings.database_url,
-            min_size=1,
+            min_size=0,  # no floor to restore in the background while the server is away
             max_size=4,
+            timeout=10,  # connect timeout: a black-holed server must not hang a retry
             server_settings={
                 "application_name": "goalstream-worker",
                 "plan_cache_mode": "force_generic_plan",
@@ -149,10 +152,15 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.cache.close()
-        await self._flush_published()
+        # Each step is bounded: a server that stopped answering must not hold the exit.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush_published(), _CLOSE_STEP_SECONDS)
         await self._drop_commit_connection()
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), _CLOSE_STEP_SECONDS)
+            except TimeoutError:
+                self.pool.terminate()
         await self.redis.aclose()
 
     async def run(self, *, burst: bool = False) -> None:
@@ -171,8 +179,11 @@ class Worker:
             asyncio.create_task(self._settle_loop(to_settle), name="settler"),
         ]
         try:
+            await self._relay_orphans()  # a previous life may have died before publishing
             await self._read_loop(to_commit, stages)
             await asyncio.gather(*stages)
+            if self._burst:
+                await self._relay_orphans()
         finally:
             for stage in stages:
                 stage.cancel()
@@ -186,18 +197,19 @@ class Worker:
         self, to_commit: asyncio.Queue[Batch | None], stages: list[asyncio.Task[None]]
     ) -> None:
         block = None if self._burst else self.settings.block_ms
-        while not self.stop.is_set() and not any(stage.done() for stage in stages):
+        while not self.stop.is_set():
             entries = await self._retry("redis", lambda: self.consumer.read(block))
             if entries is None:
                 break
             if entries:
-                await to_commit.put(self.prepare(entries))
+                if not await _offer(to_commit, self.prepare(entries), stages):
+                    return  # a later stage gave up (stopped while retrying): so do we
                 continue
             if to_commit.empty():
                 await self._flush_published()
             if self._burst and self.consumer.caught_up:
                 break
-        await to_commit.put(None)
+        await _offer(to_commit, None, stages)
 
     async def _commit_loop(
         self, to_commit: asyncio.Queue[Batch | None], to_settle: asyncio.Queue[Batch | None]
@@ -311,7 +323,7 @@ class Worker:
         # round trip to every batch.
         if self._conn is None or self._conn.is_closed():
             assert self.pool is not None
-            self._conn = await self.pool.acquire()
+            self._conn = await self.pool.acquire(timeout=10)
         return self._conn
 
     async def _drop_commit_connection(self) -> None:
@@ -424,6 +436,12 @@ class Worker:
             except Exception as exc:
                 log.warning("housekeeping failed; will retry", error=repr(exc))
 
+    async def _relay_orphans(self) -> None:
+        try:
+            await relay_outbox(self.pool, self.consumer, self.settings.outbox_orphan_seconds)
+        except Exception as exc:  # housekeeping tries again; nothing is lost meanwhile
+            log.warning("outbox relay failed; will retry", error=repr(exc))
+
     async def sample_backlog(self) -> None:
         """Set the pending and lag gauges from XINFO GROUPS, now."""
         for stream, (pending, lag) in (await self.consumer.group_backlog()).items():
@@ -436,7 +454,11 @@ class Worker:
         attempt = 0
         while True:
             try:
-                result = await call()
+                # Once failing, a call must not outlive a stop: a connect to a dead server can
+                # hang, and nothing is lost by abandoning it (nothing was acknowledged).
+                result = await call() if attempt == 0 else await self._unless_stopped(call)
+            except _Stopped:
+                return None
             except Exception as exc:
                 if classify(exc) != "transient":
                     raise
@@ -461,6 +483,37 @@ class Worker:
                 self.ready = True
                 self.metrics.ready.set(1)
             return result
+
+    async def _unless_stopped(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Await `call()`, but give up (raising _Stopped) as soon as the worker is stopped."""
+        task = asyncio.ensure_future(call())
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise _Stopped
+        return task.result()
+
+
+async def _offer(
+    queue: asyncio.Queue[Batch | None], item: Batch | None, stages: list[asyncio.Task[None]]
+) -> bool:
+    """Put `item` on the queue unless a stage ends first (then nobody would take it)."""
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, *stages}, return_when=asyncio.FIRST_COMPLETED)
+    if put.done():
+        return True
+    put.cancel()
+    return False
+
+
+class _Stopped(Exception):
+    """The worker was stopped while a call was still retrying."""
 
 
 @dataclass(slots=True)

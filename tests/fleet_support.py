@@ -70,7 +70,7 @@ class WorkerProcess:
         cls, settings: Settings, consumer: str, log_dir: Path, *args: str, **env: str
     ) -> WorkerProcess:
         log_path = log_dir / f"{consumer}.log"
-        out = log_path.open("wb")
+        out = log_path.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "goalstream.cli", "worker", *args],
             env=worker_env(settings, consumer, **env),

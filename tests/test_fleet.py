@@ -140,3 +140,40 @@ async def _at_least(redis: aioredis.Redis, settings: Settings, n: int) -> bool:
         return await acknowledged(redis, settings) >= n
     except Exception:
         return False
+
+
+async def test_sigterm_during_outage_exits_without_acknowledging(
+    database_url: str, redis: aioredis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """Stopped while PostgreSQL is unreachable, a worker exits 0 at once and acknowledges
+    nothing it could not commit; restarted, it processes what it held."""
+    data = await seed_fleet(database_url, redis, settings, events=3000)
+    async with Proxy(postgres_target(database_url)) as proxy:
+        proxied = msgspec.structs.replace(
+            settings, database_url=via_proxy(database_url, proxy.port)
+        )
+        worker = WorkerProcess.start(proxied, "w-out", tmp_path)
+        try:
+            await wait_for(lambda: _at_least(redis, settings, 300), 120, "the worker to start")
+            proxy.cut()
+            await asyncio.sleep(1.0)
+            before = await acknowledged(redis, settings)
+            held = 0
+            for stream in settings.streams:
+                held += len(
+                    await redis.xpending_range(stream, settings.group, "-", "+", 10_000, "w-out")
+                )
+            worker.signal(signal.SIGTERM)
+            # Wait in a thread: the proxy runs on this event loop and must keep refusing.
+            assert await asyncio.to_thread(worker.wait, 20) == 0, worker.output()
+        finally:
+            worker.stop()
+    assert held > 0, "the worker held read entries while cut off"
+    assert await acknowledged(redis, settings) == before
+    # The same worker, restarted (as an orchestrator would): it takes back what it held.
+    rest = WorkerProcess.start(settings, "w-out", tmp_path, "--burst")
+    try:
+        assert rest.wait(120) == 0, rest.output()
+    finally:
+        rest.stop()
+    await finish(database_url, redis, settings, data, 30)
