@@ -146,8 +146,12 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_create_api_key(args: argparse.Namespace, settings: Settings) -> int:
-    from goalstream.apikeys import create_api_key_command
+    from goalstream.apikeys import create_api_key_command, revoke_api_key_command
 
+    if args.revoke:
+        revoked = asyncio.run(revoke_api_key_command(settings.database_url, args.revoke))
+        print("revoked" if revoked else "no such live key")
+        return 0 if revoked else 1
     key = asyncio.run(create_api_key_command(settings.database_url, args.tenant))
     print(f"API key for tenant {args.tenant} (shown once; only its SHA-256 is stored):")
     print(key)
@@ -312,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create-api-key", help="print a new admin API key for a tenant")
     _common(p)
-    p.add_argument("--tenant", required=True)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", help="tenant UUID: print a new key (as the last line)")
+    who.add_argument("--revoke", metavar="KEY", help="revoke this key instead")
     p.set_defaults(handler=cmd_create_api_key)
 
     p = sub.add_parser("dlq", help="list and requeue dead-lettered entries")

@@ -23,7 +23,8 @@ from goalstream.events import (
     TagAdded,
 )
 
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# PostgreSQL's jsonb refuses NUL characters, so criteria may not hold them.
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern="^[^\x00]*$")]
 Currency = Annotated[str, msgspec.Meta(pattern="^[A-Za-z]{3}$")]
 WindowSeconds = Annotated[int, msgspec.Meta(gt=0, le=10 * 365 * 86400)]
 
