@@ -116,7 +116,10 @@ async def test_bench_latency_mode_reports_percentiles(
     report = run_bench(tmp_path, redis_url, pg_url, "--latency", "--rate", "400", "--duration", "1")
     latency = report["latency"]
     assert latency["events"] == 400
-    assert_figures(latency, "rate_target", "rate_achieved", "e2e_ms", "achievement_e2e_ms")
+    assert_figures(latency, "rate_target", "rate_achieved", "e2e_ms", "e2e_ms_all")
+    assert_figures(latency, "achievement_e2e_ms")
+    assert set(latency["commit_e2e_ms"]) == {"p50", "p95", "p99", "share_le_50ms"}
+    assert latency["p99_ms_by_second"]
     assert latency["achievements"] == report["setup"]["expected_achievements"] > 0
     assert report["check"]["same_achievements"] is True
     assert_figures(report["cache"], "load_seconds", "worker_rss_mb")
