@@ -358,8 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev", help="local stack on embedded or given servers, with a demo")
     _common(p)
-    p.add_argument("--demo-events", type=int, default=0)
-    p.add_argument("--exit-after-demo", action="store_true")
+    p.add_argument(
+        "--demo-events", type=int, default=0, help="publish N demo events, then summarise"
+    )
+    p.add_argument(
+        "--exit-after-demo", action="store_true", help="stop once the demo events are processed"
+    )
     p.set_defaults(handler=cmd_dev)
     return parser
 
