@@ -36,6 +36,8 @@ _LOAD_SOME = _LOAD + " AND (g.id = ANY($1::uuid[]) OR g.workflow_id = ANY($2::uu
 
 # Past this many changed goals or workflows at once, a full reload is cheaper.
 _PARTIAL_LIMIT = 5000
+# How often an idle LISTEN connection is checked for life.
+_KEEPALIVE_SECONDS = 10.0
 # Notifications arriving this close together are handled as one reload.
 _COALESCE_SECONDS = 0.05
 
@@ -102,6 +104,8 @@ class GoalCache:
 
     async def start(self) -> None:
         """Connect, listen, and load every goal before returning."""
+        if self._conn is not None:  # a retried start: do not leak the first connection
+            self._conn.terminate()
         await self._connect()
         await self.reload_all()
         self._task = asyncio.create_task(self._run(), name="goal-cache")
@@ -119,7 +123,10 @@ class GoalCache:
 
     async def _connect(self) -> None:
         self._conn = await asyncpg.connect(
-            self._dsn, timeout=10, server_settings={"application_name": "goalstream-cache"}
+            self._dsn,
+            timeout=10,
+            command_timeout=120,  # a full load of a million goals takes seconds, not minutes
+            server_settings={"application_name": "goalstream-cache"},
         )
         await self._conn.add_listener(constants.GOALS_CHANNEL, self._on_notify)
         self._conn.add_termination_listener(self._on_lost)
@@ -140,34 +147,46 @@ class GoalCache:
 
     async def _run(self) -> None:
         backoff = 0.5
+        next_full = time.monotonic() + self._refresh_seconds
         while True:
+            timeout = max(0.0, min(next_full - time.monotonic(), _KEEPALIVE_SECONDS))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._refresh_seconds)
+                await asyncio.wait_for(self._wake.wait(), timeout)
             await asyncio.sleep(_COALESCE_SECONDS)
+            notified = self._wake.is_set()
             self._wake.clear()
             try:
                 if self._conn is None or self._conn.is_closed():
                     await self._connect()
                     self._need_full = True
-                await self._apply_changes()
+                assert self._conn is not None
+                if time.monotonic() >= next_full:
+                    self._need_full = True  # the safety net for a missed notification
+                if self._need_full or notified:
+                    await self._apply_changes()
+                else:
+                    # A LISTEN connection that died silently would never say so: ask it.
+                    await self._conn.fetchval("SELECT 1", timeout=_KEEPALIVE_SECONDS)
+                if self._need_full is False and time.monotonic() >= next_full:
+                    next_full = time.monotonic() + self._refresh_seconds
                 backoff = 0.5
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._metrics.cache_loads.labels("partial", "error").inc()
                 log.warning("goal cache refresh failed; retrying", error=repr(exc), backoff=backoff)
                 self._need_full = True
+                if self._conn is not None:
+                    self._conn.terminate()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 self._wake.set()
 
     async def _apply_changes(self) -> None:
         goals, workflows = self._changed_goals, self._changed_workflows
-        timer_expired = not (goals or workflows or self._need_full)
-        if self._need_full or timer_expired or len(goals) + len(workflows) > _PARTIAL_LIMIT:
-            self._changed_goals, self._changed_workflows = set(), set()
-            await self.reload_all()
-            return
         self._changed_goals, self._changed_workflows = set(), set()
-        await self.reload_some(goals, workflows)
+        if self._need_full or len(goals) + len(workflows) > _PARTIAL_LIMIT:
+            await self.reload_all()
+        elif goals or workflows:
+            await self.reload_some(goals, workflows)
 
     async def reload_all(self) -> None:
         """Replace the index with a fresh load of every live goal."""

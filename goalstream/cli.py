@@ -190,7 +190,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(
         f"read {summary.entries_read} entries ({summary.invalid} invalid, "
-        f"{summary.skipped_other_tenant} of other tenants, {summary.matched_events} matching) "
+        f"{summary.skipped_other_tenant} of other tenants, {summary.matched_events} matching, "
+        f"{summary.failed} refused by PostgreSQL) "
         f"in {summary.seconds:.1f}s"
     )
     return 0

@@ -84,9 +84,17 @@ class StreamConsumer:
             if entries:
                 return entries
         streams: dict[KeyT, StreamIdT] = {s: ">" for s in self.settings.streams}
-        reply = await self.redis.xreadgroup(
-            self.group, self.name, streams, count=self.settings.batch_size, block=block_ms or None
-        )
+        try:
+            reply = await self.redis.xreadgroup(
+                self.group, self.name, streams, count=self.settings.batch_size, block=block_ms
+            )
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            # The group (or stream) is gone: a Redis that lost its data, or an operator.
+            log.warning("consumer group missing; creating it again", error=str(exc))
+            await self.ensure_groups()
+            return []
         return parse_entries(reply)
 
     async def _reclaim_own(self) -> list[Entry]:
@@ -143,13 +151,10 @@ class StreamConsumer:
     async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
         if not ids:
             return {}
+        # Entries this consumer already holds can sit in the same id range: leave room for them.
+        room = len(ids) + self.settings.batch_size * 8
         pending = await self.redis.xpending_range(
-            stream,
-            self.group,
-            min(ids, key=_id_key),
-            max(ids, key=_id_key),
-            len(ids) * 2,
-            self.name,
+            stream, self.group, min(ids, key=_id_key), max(ids, key=_id_key), room, self.name
         )
         return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 

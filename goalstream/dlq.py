@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from goalstream.settings import Settings
@@ -11,6 +13,26 @@ from goalstream.settings import Settings
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def with_occurred_at(data: bytes, entry_id: str) -> bytes:
+    """The envelope, given the original entry's time as `occurred_at` if it had none.
+
+    An event without `occurred_at` happened when its first entry was added; requeued, it would
+    otherwise take the new entry's time, and could fall outside enrolments and windows.
+    """
+    millis = entry_id.partition("-")[0]
+    if not millis.isdigit():
+        return data
+    try:
+        envelope = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data  # not JSON: requeued as it was, to fail (or not) as it did
+    if not isinstance(envelope, dict) or envelope.get("occurred_at") is not None:
+        return data
+    moment = datetime.fromtimestamp(int(millis) / 1000, tz=UTC)
+    envelope["occurred_at"] = moment.isoformat().replace("+00:00", "Z")
+    return msgspec.json.encode(envelope)
 
 
 async def list_dead(
@@ -48,8 +70,9 @@ async def requeue(
     moved: list[tuple[str, str]] = []
     for dlq_id, fields in targets:
         stream = _text(fields[b"stream"])
+        data = with_occurred_at(fields.get(b"data", b""), _text(fields.get(b"entry_id", b"")))
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, {"data": fields.get(b"data", b"")})
+            pipe.xadd(stream, {"data": data})
             pipe.xdel(settings.dlq_stream, dlq_id)
             new_id, _ = await pipe.execute()
         moved.append((_text(dlq_id), _text(new_id)))

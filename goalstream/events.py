@@ -165,11 +165,18 @@ class EventDecoder:
         if entry.data is None:
             return Invalid(entry, "entry has no `data` field (or was deleted from the stream)")
         try:
+            entry.data.decode("utf-8")  # msgspec lets invalid UTF-8 through in ignored keys
             event = self._decoder.decode(entry.data)
+        except UnicodeDecodeError as exc:
+            return Invalid(entry, f"malformed JSON: not UTF-8 ({exc.reason} at byte {exc.start})")
         except msgspec.ValidationError as exc:
             return Invalid(entry, f"invalid event: {exc}")
         except msgspec.DecodeError as exc:
             return Invalid(entry, f"malformed JSON: {exc}")
+        except RecursionError:
+            return Invalid(entry, "malformed JSON: nested too deeply")
+        except Exception as exc:  # whatever else a hostile entry finds must not stop the worker
+            return Invalid(entry, f"undecodable: {type(exc).__name__}: {exc}")
         occurred = event.occurred_at
         if occurred is None:
             occurred = datetime.fromtimestamp(entry.millis / 1000, tz=UTC)

@@ -6,10 +6,8 @@ One definition of a valid goal, shared by the worker's cache and the admin API.
 from __future__ import annotations
 
 import enum
-import re
 import uuid
 from decimal import Decimal
-from functools import lru_cache
 from typing import Annotated, Any
 
 import msgspec
@@ -46,11 +44,28 @@ class GoalMode(enum.StrEnum):
 IndexKey = str | tuple[str, str] | None
 
 
-@lru_cache(maxsize=65536)
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a glob where `*` is any run and `?` any one character; the rest is literal."""
-    parts = (".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
-    return re.compile("".join(parts), re.DOTALL)
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether `text` matches a glob where `*` is any run and `?` any one character.
+
+    Two pointers, backtracking only to the last `*`: O(len(pattern) * len(text)) at worst,
+    unlike a regex, which a pattern like `*a*a*a*a*b` can make take exponential time.
+    """
+    p = t = 0
+    star = -1  # position in pattern just after the last `*` seen
+    resume = 0  # position in text where that `*` would take one more character
+    while t < len(text):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p + 1, t
+            p += 1
+        elif p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif star >= 0:
+            resume += 1
+            p, t = star, resume
+        else:
+            return False
+    return all(ch == "*" for ch in pattern[p:])
 
 
 class TagCriteria(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -70,7 +85,7 @@ class TagCriteria(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
         tag = data.tag.casefold()
         if self.tag is not None:
             return tag == self.tag.casefold()
-        return glob_regex((self.tag_pattern or "").casefold()).fullmatch(tag) is not None
+        return glob_match((self.tag_pattern or "").casefold(), tag)
 
 
 class PurchaseCriteria(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -22,17 +22,20 @@ import redis.asyncio as aioredis
 from goalstream.cache import load_index
 from goalstream.consumer import StreamConsumer
 from goalstream.evaluate import evaluate
-from goalstream.events import Entry, EventDecoder
+from goalstream.events import Decoded, Entry, EventDecoder
+from goalstream.goals import Goal
 from goalstream.settings import Settings
-from goalstream.sink import DELETE_PUBLISHED, commit_batch
+from goalstream.sink import DELETE_PUBLISHED, CommitResult, commit_batch
 
 
 class ReplaySummary(msgspec.Struct):
-    """What a replay read and wrote (or, with dry_run, would have written)."""
+    """What a replay read and wrote (or, with dry_run, would have written: each batch is
+    tried and rolled back on its own, so an enrolment two batches would exit counts twice)."""
 
     entries_read: int = 0
     invalid: int = 0
     skipped_other_tenant: int = 0
+    failed: int = 0  # valid events PostgreSQL refused (e.g. a NUL in their JSON)
     matched_events: int = 0
     achievements: int = 0
     exits: int = 0
@@ -126,7 +129,6 @@ async def replay(
     summary = ReplaySummary(dry_run=dry_run)
     redis = aioredis.Redis.from_url(settings.redis_url)
     conn = await asyncpg.connect(settings.database_url)
-    transaction = conn.transaction() if dry_run else None
     try:
         index = await load_index(conn, tenant=tenant, workflow=workflow)
         publisher = StreamConsumer(redis, settings)
@@ -137,8 +139,6 @@ async def replay(
         ]
         first = _millis(start, 0)
         last = _millis(end, int(time.time() * 1000))
-        if transaction is not None:
-            await transaction.start()  # a dry run sees its own effects, then rolls them back
         published: list[int] = []
         async for entries in _merged_batches(readers, settings.batch_size):
             valid, invalid = decoder.decode_batch(entries)
@@ -148,7 +148,7 @@ async def replay(
             summary.skipped_other_tenant += len(valid) - len(kept)
             matches = evaluate(kept, index)
             summary.matched_events += len({position for position, _ in matches})
-            result = await commit_batch(conn, kept, matches, published)
+            result = await _write(conn, kept, matches, published, dry_run, summary)
             published = []
             summary.achievements += len(result.announcements)
             summary.exits += result.exits
@@ -162,12 +162,57 @@ async def replay(
         if published:
             await conn.execute(DELETE_PUBLISHED, published)
     finally:
-        if transaction is not None:
-            await transaction.rollback()
         await conn.close()
         await redis.aclose()
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+async def _write(
+    conn: asyncpg.Connection,
+    events: list[Decoded],
+    matches: list[tuple[int, Goal]],
+    published: list[int],
+    dry_run: bool,
+    summary: ReplaySummary,
+) -> CommitResult:
+    """Commit a batch (or, dry, run it in a transaction rolled back at once, so no lock is
+    held for long); an event PostgreSQL refuses is counted and skipped, not fatal."""
+    try:
+        return await _commit(conn, events, matches, published, dry_run)
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+        pass
+    results = []
+    for position in sorted({p for p, _ in matches}):
+        one = [(0, goal) for p, goal in matches if p == position]
+        try:
+            results.append(await _commit(conn, [events[position]], one, [], dry_run))
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+            summary.failed += 1
+    if published:
+        await conn.execute(DELETE_PUBLISHED, published)
+    return CommitResult(
+        [a for r in results for a in r.announcements],
+        sum(r.exits for r in results),
+        sum(r.cancelled for r in results),
+    )
+
+
+async def _commit(
+    conn: asyncpg.Connection,
+    events: list[Decoded],
+    matches: list[tuple[int, Goal]],
+    published: list[int],
+    dry_run: bool,
+) -> CommitResult:
+    if not dry_run:
+        return await commit_batch(conn, events, matches, published)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        return await commit_batch(conn, events, matches, published)
+    finally:
+        await transaction.rollback()
 
 
 def terminal_progress(stream: TextIO = sys.stderr) -> Callable[[ReplaySummary, float], None]:

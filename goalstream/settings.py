@@ -70,8 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("batch_size", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GOALSTREAM_{name.upper()} must be at least 1")
-        if self.block_ms < 0 or self.claim_idle_ms < 1:
-            raise ConfigError("GOALSTREAM_BLOCK_MS must be >= 0 and GOALSTREAM_CLAIM_IDLE_MS >= 1")
+        if self.block_ms < 1 or self.claim_idle_ms < 1:
+            # BLOCK 0 would wait forever, and a worker must look up to notice a stop.
+            raise ConfigError("GOALSTREAM_BLOCK_MS and GOALSTREAM_CLAIM_IDLE_MS must be >= 1")
         if self.log_format not in ("json", "console"):
             raise ConfigError("GOALSTREAM_LOG_FORMAT must be 'json' or 'console'")
         if not 0 <= self.metrics_port <= 65535 or not 0 < self.admin_port <= 65535:

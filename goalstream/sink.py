@@ -61,8 +61,13 @@ WITH ev AS (
       AND (g.conversion_window_seconds IS NULL
            OR ev.occurred_at <= e.enrolled_at + make_interval(secs => g.conversion_window_seconds))
 ), first_exit AS (
+    -- An exit needs an achievement to record and announce it: a goal this enrolment already
+    -- achieved (as a measure goal, before its mode changed) cannot exit it again.
     SELECT DISTINCT ON (enrollment_id) enrollment_id, ord, goal_id
-    FROM matched WHERE mode = 'exit'
+    FROM matched m WHERE mode = 'exit'
+      AND NOT EXISTS (SELECT 1 FROM workflow_goal_achievements a
+                      WHERE a.workflow_enrollment_id = m.enrollment_id
+                        AND a.goal_config_id = m.goal_id)
     ORDER BY enrollment_id, ord, goal_id
 ), exited AS (
     UPDATE workflow_enrollments e
@@ -106,7 +111,8 @@ WITH ev AS (
                'goal_type', i.goal_type, 'mode', i.metadata->>'mode',
                'achieved_at', i.achieved_at, 'trigger_event_id', i.metadata->>'event_id',
                'cancelled_actions', COALESCE(c.n, 0))::text
-    FROM inserted i LEFT JOIN cancel_counts c ON c.enrollment_id = i.workflow_enrollment_id
+    FROM inserted i LEFT JOIN cancel_counts c  -- the exit's announcement carries the count
+      ON c.enrollment_id = i.workflow_enrollment_id AND i.metadata->>'mode' = 'exit'
     RETURNING id, payload
 ), published AS (
     DELETE FROM goalstream_outbox WHERE id = ANY($11::bigint[])

@@ -34,6 +34,8 @@ async def safe_min_id(redis: aioredis.Redis, stream: str, cutoff_ms: int) -> str
         groups = await redis.xinfo_groups(stream)
     except ResponseError:
         return "0-0"  # no such stream
+    if not groups:
+        return "0-0"  # no group has started yet: a worker may still want all of it
     for group in groups:
         name = _text(group["name"])
         bounds = [_after(_text(group["last-delivered-id"]))]

@@ -26,7 +26,7 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from goalstream.cache import GoalCache
@@ -47,9 +47,6 @@ from goalstream.sink import (
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-# Outbox rows published but not yet deleted are deleted with the next batch's statement, or
-# on their own once this many have piled up or the streams go idle.
-_PUBLISHED_FLUSH = 1000
 # How long each step of closing may take before it is abandoned.
 _CLOSE_STEP_SECONDS = 3.0
 # Batches read and evaluated ahead of the one being committed.
@@ -83,11 +80,19 @@ def classify(exc: BaseException) -> str:
         return "transient"
     if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
         return "entry"
+    if isinstance(exc, ResponseError):
+        # Redis said no. Loading, failing over, busy: wait. Anything else (a key of the wrong
+        # type, a denied command) will say no forever, and retrying a half-applied MULTI would
+        # repeat its other commands: stop loudly so an operator sees it.
+        return "transient" if str(exc).startswith(_REDIS_WAIT_REPLIES) else "fatal"
     if isinstance(exc, RedisError | asyncpg.PostgresError):
         # Schema missing, permissions, and the like: not the entry's fault, and not fixed by
         # dead-lettering it. Hold the batch and retry; an operator has to act.
         return "transient"
     return "fatal"
+
+
+_REDIS_WAIT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN")
 
 
 class Worker:
@@ -172,19 +177,19 @@ class Worker:
         """
         self._burst = burst
         await self.start()
-        to_commit: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
-        to_settle: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        lanes = _Lanes()
         stages = [
-            asyncio.create_task(self._commit_loop(to_commit, to_settle), name="committer"),
-            asyncio.create_task(self._settle_loop(to_settle), name="settler"),
+            asyncio.create_task(self._commit_loop(lanes), name="committer"),
+            asyncio.create_task(self._settle_loop(lanes), name="settler"),
         ]
         try:
             await self._relay_orphans()  # a previous life may have died before publishing
-            await self._read_loop(to_commit, stages)
+            await self._read_loop(lanes)
             await asyncio.gather(*stages)
             if self._burst:
                 await self._relay_orphans()
         finally:
+            lanes.abandon.set()
             for stage in stages:
                 stage.cancel()
             for stage in stages:
@@ -193,36 +198,35 @@ class Worker:
             await self.close()
             log.info("worker stopped", consumer=self.consumer.name, processed=self.processed)
 
-    async def _read_loop(
-        self, to_commit: asyncio.Queue[Batch | None], stages: list[asyncio.Task[None]]
-    ) -> None:
+    async def _read_loop(self, lanes: _Lanes) -> None:
         block = None if self._burst else self.settings.block_ms
         while not self.stop.is_set():
             entries = await self._retry("redis", lambda: self.consumer.read(block))
             if entries is None:
                 break
             if entries:
-                if not await _offer(to_commit, self.prepare(entries), stages):
+                if not await lanes.offer(lanes.to_commit, self.prepare(entries)):
                     return  # a later stage gave up (stopped while retrying): so do we
                 continue
-            if to_commit.empty():
+            if lanes.to_commit.empty():
                 await self._flush_published()
             if self._burst and self.consumer.caught_up:
                 break
-        await _offer(to_commit, None, stages)
+        await lanes.offer(lanes.to_commit, None)
 
-    async def _commit_loop(
-        self, to_commit: asyncio.Queue[Batch | None], to_settle: asyncio.Queue[Batch | None]
-    ) -> None:
-        while (batch := await to_commit.get()) is not None:
+    async def _commit_loop(self, lanes: _Lanes) -> None:
+        while (batch := await lanes.take(lanes.to_commit)) is not None:
             if not await self.commit(batch):
-                break
-            await to_settle.put(batch)
-        await to_settle.put(None)
+                lanes.abandon.set()
+                return
+            if not await lanes.offer(lanes.to_settle, batch):
+                return
+        await lanes.offer(lanes.to_settle, None)
 
-    async def _settle_loop(self, to_settle: asyncio.Queue[Batch | None]) -> None:
-        while (batch := await to_settle.get()) is not None:
+    async def _settle_loop(self, lanes: _Lanes) -> None:
+        while (batch := await lanes.take(lanes.to_settle)) is not None:
             if not await self.settle(batch):
+                lanes.abandon.set()
                 return
 
     # -- one batch --------------------------------------------------------------------------
@@ -418,10 +422,18 @@ class Worker:
             log.warning("could not delete published outbox rows", error=repr(exc))
 
     async def _housekeeping(self) -> None:
-        """Relay orphaned outbox rows and sample the group's backlog, every few seconds."""
-        interval = min(_HOUSEKEEPING_SECONDS, self.settings.outbox_orphan_seconds)
+        """Delete published outbox rows soon (before another worker's relay takes them for
+        orphans); every few seconds, relay real orphans and sample the group's backlog."""
+        orphan_age = self.settings.outbox_orphan_seconds
+        interval = min(_HOUSEKEEPING_SECONDS, orphan_age)
+        tick = min(1.0, orphan_age / 4)
+        next_round = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
+            await self._flush_published()
+            if time.monotonic() < next_round:
+                continue
+            next_round = time.monotonic() + interval
             # Sample first and on its own: while PostgreSQL is down (the relay fails) the
             # backlog gauges must keep moving, since that is when the backlog alerts matter.
             try:
@@ -429,9 +441,7 @@ class Worker:
             except Exception as exc:
                 log.warning("backlog sampling failed; will retry", error=repr(exc))
             try:
-                if len(self._published) >= _PUBLISHED_FLUSH:
-                    await self._flush_published()
-                await relay_outbox(self.pool, self.consumer, self.settings.outbox_orphan_seconds)
+                await relay_outbox(self.pool, self.consumer, orphan_age)
                 await self.consumer.forget_stale_consumers(self.settings.stale_consumer_ms)
             except Exception as exc:
                 log.warning("housekeeping failed; will retry", error=repr(exc))
@@ -500,16 +510,42 @@ class Worker:
         return task.result()
 
 
-async def _offer(
-    queue: asyncio.Queue[Batch | None], item: Batch | None, stages: list[asyncio.Task[None]]
-) -> bool:
-    """Put `item` on the queue unless a stage ends first (then nobody would take it)."""
-    put = asyncio.ensure_future(queue.put(item))
-    await asyncio.wait({put, *stages}, return_when=asyncio.FIRST_COMPLETED)
-    if put.done():
-        return True
-    put.cancel()
-    return False
+class _Lanes:
+    """The queues between the stages, and a flag any stage raises when it gives up (stopped
+    while a server is away): then every stage stops waiting on the others."""
+
+    def __init__(self) -> None:
+        self.to_commit: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        self.to_settle: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        self.abandon = asyncio.Event()
+
+    async def offer(self, queue: asyncio.Queue[Batch | None], item: Batch | None) -> bool:
+        """Put `item` on `queue`; False if the pipeline is abandoned first."""
+        return await self._race(queue.put(item)) is not _ABANDONED
+
+    async def take(self, queue: asyncio.Queue[Batch | None]) -> Batch | None:
+        """The next item of `queue`; None at its end or if the pipeline is abandoned."""
+        item = await self._race(queue.get())
+        return None if item is _ABANDONED else item  # type: ignore[return-value]
+
+    async def _race(self, operation: Awaitable[T]) -> T | object:
+        if self.abandon.is_set():
+            if asyncio.iscoroutine(operation):
+                operation.close()
+            return _ABANDONED
+        task = asyncio.ensure_future(operation)
+        abandoned = asyncio.ensure_future(self.abandon.wait())
+        try:
+            await asyncio.wait({task, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        return _ABANDONED
+
+
+_ABANDONED = object()
 
 
 class _Stopped(Exception):
@@ -554,7 +590,7 @@ def _tenant_of(entry: Entry) -> str | None:
         return None
     try:
         return _TENANT_DECODER.decode(entry.data).tenant_id
-    except msgspec.DecodeError:  # malformed JSON, not an object, or tenant_id not a string
+    except (msgspec.DecodeError, RecursionError):  # malformed, too deep, not an object, ...
         return None
 
 

@@ -205,7 +205,14 @@ class World:
 
     async def dead_letters(self) -> list[dict[str, str]]:
         entries = await self.redis.xrange(self.settings.dlq_stream)
-        return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+        return [
+            {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            for _, fields in entries
+        ]
+
+    async def dead_letters_raw(self) -> list[dict[bytes, bytes]]:
+        entries = await self.redis.xrange(self.settings.dlq_stream)
+        return [fields for _, fields in entries]
 
     async def pending(self) -> int:
         total = 0

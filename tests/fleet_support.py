@@ -334,6 +334,14 @@ def postgres_target(url: str) -> tuple[str, int] | str:
     return (parts.hostname or "127.0.0.1", port)
 
 
+def redis_target(url: str) -> tuple[str, int] | str:
+    """Where a Redis URL points: (host, port), or the unix socket path."""
+    parts = urlparse(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return (parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
 def via_proxy(url: str, port: int) -> str:
     """The same PostgreSQL URL, reached through 127.0.0.1:port."""
     parts = urlparse(url)

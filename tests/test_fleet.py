@@ -19,6 +19,7 @@ from tests.fleet_support import (
     group_done,
     own_redis,
     postgres_target,
+    redis_target,
     seed_fleet,
     via_proxy,
     wait_for,
@@ -172,6 +173,31 @@ async def test_sigterm_during_outage_exits_without_acknowledging(
     assert await acknowledged(redis, settings) == before
     # The same worker, restarted (as an orchestrator would): it takes back what it held.
     rest = WorkerProcess.start(settings, "w-out", tmp_path, "--burst")
+    try:
+        assert rest.wait(120) == 0, rest.output()
+    finally:
+        rest.stop()
+    await finish(database_url, redis, settings, data, 30)
+
+
+async def test_sigterm_while_redis_is_cut_off_exits_promptly(
+    database_url: str, redis: aioredis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """Stopped while Redis is unreachable (its batches committed but not acknowledged), a
+    worker still exits 0 promptly; restarted, it finishes without writing anything twice."""
+    data = await seed_fleet(database_url, redis, settings, events=3000)
+    async with Proxy(redis_target(settings.redis_url)) as proxy:
+        proxied = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        worker = WorkerProcess.start(proxied, "w-red", tmp_path)
+        try:
+            await wait_for(lambda: _at_least(redis, settings, 300), 120, "the worker to start")
+            proxy.cut()
+            await asyncio.sleep(1.0)
+            worker.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(worker.wait, 20) == 0, worker.output()
+        finally:
+            worker.stop()
+    rest = WorkerProcess.start(settings, "w-red", tmp_path, "--burst")
     try:
         assert rest.wait(120) == 0, rest.output()
     finally:

@@ -317,3 +317,28 @@ def test_index_finds_what_a_full_scan_finds(
         and g.criteria.matches(d.event.data)  # type: ignore[arg-type]
     }
     assert found == expected
+
+
+def glob_by_regex(pattern: str, text: str) -> bool:
+    """The reference meaning of a glob: `*` any run, `?` any one character, all else literal."""
+    import re
+
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, text, re.DOTALL) is not None
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="ab*?", max_size=8), st.text(alphabet="ab", max_size=8))
+def test_glob_matcher_agrees_with_the_reference(pattern: str, text: str) -> None:
+    """The linear glob matcher means exactly what the regex reference means."""
+    from goalstream.goals import glob_match
+
+    assert glob_match(pattern, text) == glob_by_regex(pattern, text)
+
+
+def test_hostile_pattern_does_not_backtrack_forever() -> None:
+    """A pattern that sends a backtracking regex into exponential time is answered at once
+    (the suite's timeout would stop a regression)."""
+    hostile = TagCriteria(tag_pattern="*a" * 12 + "*b")
+    assert not hostile.matches(TagAdded("a" * 5000))
+    assert hostile.matches(TagAdded("a" * 5000 + "b"))

@@ -223,3 +223,25 @@ def test_parse_position_refuses_nonsense(text: str) -> None:
     """A position that is no id and no zoned time is refused with a clear message."""
     with pytest.raises(ValueError):
         parse_position(text, default="-")
+
+
+def test_requeue_keeps_the_original_time() -> None:
+    """A requeued envelope without occurred_at gets its first entry's time; others are kept."""
+    import msgspec
+
+    from goalstream.dlq import with_occurred_at
+
+    plain = msgspec.json.encode({"id": "e", "data": {}})
+    stamped = msgspec.json.decode(with_occurred_at(plain, "1700000000000-3"))
+    assert stamped["occurred_at"] == "2023-11-14T22:13:20Z"
+    own = msgspec.json.encode({"id": "e", "occurred_at": "2020-01-01T00:00:00Z"})
+    assert with_occurred_at(own, "1700000000000-3") == own
+    assert with_occurred_at(b"{broken", "1700000000000-3") == b"{broken"
+
+
+async def test_trim_leaves_streams_no_group_has_read(world: World) -> None:
+    """A stream without a consumer group is not trimmed: a worker may still want all of it."""
+    stream = world.stream(TAG)
+    await world.redis.xadd(stream, {"data": b"{}"}, id="1000-0")
+    assert await trim(world.redis, [stream], keep_days=0) == {stream: 0}
+    assert await world.redis.xlen(stream) == 1

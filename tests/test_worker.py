@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from goalstream import constants
@@ -168,6 +169,7 @@ async def test_conversion_window_inclusive(world: World) -> None:
         (b'{"type": "contact.tag.added", "tenant_id": "x"}', "invalid event"),
         (None, "no `data` field"),
         (b'{"type": "contact.exploded", "id": "1"}', "invalid event"),
+        (b'{"junk": ' + b"[" * 5000 + b"]" * 5000 + b"}", "malformed JSON"),
     ],
 )
 async def test_invalid_entries_are_dead_lettered(
@@ -186,7 +188,7 @@ async def test_invalid_entries_are_dead_lettered(
     assert dead[0]["entry_id"] == bad_id
     assert dead[0]["stream"] == world.stream(TAG)
     assert reason in dead[0]["reason"]
-    assert dead[0]["data"] == (payload or b"").decode()
+    assert dead[0]["data"] == (payload or b"").decode(errors="replace")
     assert dead[0]["consumer"] == world.settings.consumer
     assert len(await world.achievements()) == 1
     assert await world.pending() == 0
@@ -269,3 +271,82 @@ async def test_orphaned_outbox_rows_are_relayed(world: World) -> None:
     assert sent == 1
     assert await world.announced() == [{"id": "a1"}]
     assert await world.db.fetchval("SELECT count(*) FROM goalstream_outbox") == 0
+
+
+async def test_invalid_utf8_is_dead_lettered(world: World) -> None:
+    """An event with invalid UTF-8 (even in a key the contract ignores) is dead-lettered alone."""
+    wf = await world.workflow()
+    c1, c2 = await world.contact(), await world.contact()
+    await world.enroll(wf, c1)
+    await world.enroll(wf, c2)
+    await world.goal(wf, "tag_added", {"tag": "x"})
+    body = (
+        b'{"id": "e1", "type": "contact.tag.added", "tenant_id": "%s", "contact_id": "%s",'
+        b' "junk": "\xff\xfe", "data": {"tag": "x"}}'
+    ) % (str(world.tenant_id).encode(), str(c1).encode())
+    bad = await world.send_raw(TAG, body)
+    await world.send(TAG, c2, {"tag": "x"})
+    await world.run_worker()
+    dead = await world.dead_letters_raw()
+    assert [d[b"entry_id"].decode() for d in dead] == [bad]
+    assert b"not UTF-8" in dead[0][b"reason"]
+    assert dead[0][b"data"] == body
+    assert [r["contact_id"] for r in await world.achievements()] == [c2]
+
+
+async def test_goal_switched_from_measure_to_exit_does_not_exit_silently(world: World) -> None:
+    """A goal already achieved as `measure`, switched to `exit`, neither exits the enrolment
+    nor writes anything: an exit always comes with an achievement and an announcement."""
+    wf = await world.workflow()
+    contact = await world.contact()
+    enrollment = await world.enroll(wf, contact, pending_actions=1)
+    goal = await world.goal(wf, "tag_added", {"tag": "x"}, mode="measure")
+    await world.send(TAG, contact, {"tag": "x"})
+    await world.run_worker()
+    await world.db.execute("UPDATE workflow_goals SET mode = 'exit' WHERE id = $1", goal)
+    await world.send(TAG, contact, {"tag": "x"})
+    await world.run_worker()
+    assert len(await world.achievements()) == 1
+    assert (await world.enrollment(enrollment))["status"] == "active"
+    assert len(await world.announced()) == 1
+
+
+async def test_cancelled_actions_are_announced_once(world: World) -> None:
+    """One event meeting a measure goal and an exit goal: only the exit's announcement
+    carries the cancelled actions, so consumers summing them count each once."""
+    wf = await world.workflow()
+    contact = await world.contact()
+    await world.enroll(wf, contact, pending_actions=2, waits=1)
+    await world.goal(wf, "tag_added", {"tag": "x"}, mode="measure")
+    await world.goal(wf, "tag_added", {"tag_pattern": "x*"}, mode="exit")
+    await world.send(TAG, contact, {"tag": "x"})
+    await world.run_worker()
+    announced = {a["mode"]: a["cancelled_actions"] for a in await world.announced()}
+    assert announced == {"measure": 0, "exit": 3}
+
+
+async def test_published_announcements_are_not_announced_again(world: World) -> None:
+    """Outbox rows are deleted soon after publishing, even when no later batch has a match,
+    so another worker's relay never takes them for orphans."""
+    import asyncio
+    import contextlib
+
+    from goalstream.worker import Worker
+
+    wf = await world.workflow()
+    contact = await world.contact()
+    await world.enroll(wf, contact)
+    await world.goal(wf, "tag_added", {"tag": "x"})
+    worker = Worker(msgspec.structs.replace(world.settings, outbox_orphan_seconds=2.0))
+    task = asyncio.create_task(worker.run())
+    try:
+        await world.send(TAG, contact, {"tag": "x"})
+        for _ in range(20):  # a steady trickle of entries that match nothing
+            await world.send(TAG, contact, {"tag": "nothing"})
+            await asyncio.sleep(0.25)
+        assert len(await world.announced()) == 1
+        assert await world.db.fetchval("SELECT count(*) FROM goalstream_outbox") == 0
+    finally:
+        worker.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
