@@ -19,7 +19,7 @@ from goalstream.goals import GoalMode, GoalType
 from goalstream.migrate import migrate
 from goalstream.settings import Settings
 from goalstream.worker import Worker
-from tests.servers import postgres_server, redis_server, with_database
+from tests.servers import drop_database, postgres_server, redis_server, with_database
 
 
 @pytest.fixture(scope="session")
@@ -49,16 +49,9 @@ def template_db(pg_url: str) -> Iterator[str]:
             await admin.close()
         await migrate(with_database(pg_url, name))
 
-    async def drop() -> None:
-        admin = await asyncpg.connect(pg_url)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
-
     asyncio.run(create())
     yield name
-    asyncio.run(drop())
+    asyncio.run(drop_database(pg_url, name))
 
 
 @pytest.fixture
@@ -71,11 +64,7 @@ async def database_url(pg_url: str, template_db: str) -> AsyncIterator[str]:
     finally:
         await admin.close()
     yield with_database(pg_url, name)
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await drop_database(pg_url, name)
 
 
 @pytest.fixture

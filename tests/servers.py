@@ -21,6 +21,17 @@ def with_database(url: str, name: str) -> str:
     return urlunparse(parts._replace(path="/" + name))
 
 
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop a test database, whoever is still connected to it."""
+    import asyncpg
+
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
 def _docker_answers() -> bool:
     try:
         import docker  # type: ignore[import-untyped]

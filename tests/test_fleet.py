@@ -86,11 +86,7 @@ async def test_sigterm_drains_and_exits_zero(
         mine = await redis.xpending_range(stream, settings.group, "-", "+", 10, "w-term")
         assert mine == [], "a stopped worker left entries it had read unacknowledged"
     assert await acknowledged(redis, settings) < data.events, "it stopped before the end"
-    rest = WorkerProcess.start(settings, "w-rest", tmp_path, "--burst")
-    try:
-        assert rest.wait(120) == 0, rest.output()
-    finally:
-        rest.stop()
+    await drain_with(settings, "w-rest", tmp_path)
     await finish(database_url, redis, settings, data, 30)
 
 
@@ -136,6 +132,15 @@ async def test_redis_restarted_mid_run(
             await client.aclose()
 
 
+async def drain_with(settings: Settings, consumer: str, tmp_path: Path) -> None:
+    """Run `goalstream worker --burst` as `consumer` until the streams are drained."""
+    rest = WorkerProcess.start(settings, consumer, tmp_path, "--burst")
+    try:
+        assert await asyncio.to_thread(rest.wait, 120) == 0, rest.output()
+    finally:
+        rest.stop()
+
+
 async def _at_least(redis: aioredis.Redis, settings: Settings, n: int) -> bool:
     try:
         return await acknowledged(redis, settings) >= n
@@ -172,11 +177,7 @@ async def test_sigterm_during_outage_exits_without_acknowledging(
     assert held > 0, "the worker held read entries while cut off"
     assert await acknowledged(redis, settings) == before
     # The same worker, restarted (as an orchestrator would): it takes back what it held.
-    rest = WorkerProcess.start(settings, "w-out", tmp_path, "--burst")
-    try:
-        assert rest.wait(120) == 0, rest.output()
-    finally:
-        rest.stop()
+    await drain_with(settings, "w-out", tmp_path)
     await finish(database_url, redis, settings, data, 30)
 
 
@@ -197,9 +198,5 @@ async def test_sigterm_while_redis_is_cut_off_exits_promptly(
             assert await asyncio.to_thread(worker.wait, 20) == 0, worker.output()
         finally:
             worker.stop()
-    rest = WorkerProcess.start(settings, "w-red", tmp_path, "--burst")
-    try:
-        assert rest.wait(120) == 0, rest.output()
-    finally:
-        rest.stop()
+    await drain_with(settings, "w-red", tmp_path)
     await finish(database_url, redis, settings, data, 30)

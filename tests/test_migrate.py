@@ -15,7 +15,7 @@ import pytest
 
 from goalstream.errors import MigrationError
 from goalstream.migrate import migrate, migration_files, sql_dir
-from tests.servers import with_database
+from tests.servers import drop_database, with_database
 
 
 @pytest.fixture
@@ -23,11 +23,7 @@ async def empty_db(pg_url: str) -> AsyncIterator[str]:
     """The URL of a database that does not exist yet (migrate creates it)."""
     name = f"gs_m_{uuid.uuid4().hex[:12]}"
     yield with_database(pg_url, name)
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await drop_database(pg_url, name)
 
 
 async def test_migrate_creates_database_and_applies_each_file_once(empty_db: str) -> None:
