@@ -85,7 +85,9 @@ async def test_bench_reports_every_figure_and_one_answer(
         redis_url,
         pg_url,
         *("--events", str(events), "--candidate-rate", "0.4", "--near-miss-rate", "0.5"),
+        *("--rounds", "2"),
     )
+    assert len(report["rounds"]) == 2
     for kind in ("ceiling", "goalstream", "naive"):
         assert report[kind]["events"] == events, kind
         assert_figures(report[kind], "seconds", "events_per_s")
