@@ -35,7 +35,8 @@ WITH ev AS (
     -- the partial index on contact_id. The LATERAL subquery (kept apart by OFFSET 0) pins
     -- that plan: one index probe per event, whatever the planner guesses about the arrays
     -- or however many goals an event matched across the tenant's workflows.
-    SELECT ev.ord, e.id, e.workflow_id, e.enrolled_at
+    SELECT ev.ord, e.id, e.workflow_id, e.enrolled_at, ev.tenant_id, ev.contact_id,
+           ev.occurred_at, ev.event_id, ev.trigger_event, ev.stream, ev.entry_id
     FROM ev CROSS JOIN LATERAL (
         SELECT e.id, e.workflow_id, e.enrolled_at FROM workflow_enrollments e
         WHERE e.contact_id = ev.contact_id AND e.status = 'active'
@@ -43,32 +44,37 @@ WITH ev AS (
         OFFSET 0
     ) e
 ), matched AS MATERIALIZED (
-    SELECT ev.ord, g.id AS goal_id, g.goal_type, g.mode, e.workflow_id, e.id AS enrollment_id,
-           ev.tenant_id, ev.contact_id, ev.occurred_at, ev.event_id, ev.trigger_event,
-           ev.stream, ev.entry_id
+    SELECT e.ord, g.id AS goal_id, g.goal_type, g.mode, e.workflow_id, e.id AS enrollment_id,
+           e.tenant_id, e.contact_id, e.occurred_at, e.event_id, e.trigger_event,
+           e.stream, e.entry_id
     FROM enrolled e
     JOIN cand ON cand.ord = e.ord AND cand.workflow_id = e.workflow_id
-    JOIN ev ON ev.ord = e.ord
     CROSS JOIN LATERAL (  -- by primary key, re-checked: the cache may be a moment behind
         SELECT g.* FROM workflow_goals g WHERE g.id = cand.goal_id OFFSET 0
     ) g
     CROSS JOIN LATERAL (
         SELECT w.* FROM workflows w WHERE w.id = e.workflow_id OFFSET 0
     ) w
-    WHERE g.workflow_id = e.workflow_id AND g.tenant_id = ev.tenant_id
+    WHERE g.workflow_id = e.workflow_id AND g.tenant_id = e.tenant_id
       AND g.is_active AND g.deleted_at IS NULL
-      AND w.tenant_id = ev.tenant_id AND w.is_active
+      AND w.tenant_id = e.tenant_id AND w.is_active
       AND (g.conversion_window_seconds IS NULL
-           OR ev.occurred_at <= e.enrolled_at + make_interval(secs => g.conversion_window_seconds))
-), first_exit AS (
+           OR e.occurred_at <= e.enrolled_at + make_interval(secs => g.conversion_window_seconds))
+), ranked AS MATERIALIZED (
     -- An exit needs an achievement to record and announce it: a goal this enrolment already
     -- achieved (as a measure goal, before its mode changed) cannot exit it again.
-    SELECT DISTINCT ON (enrollment_id) enrollment_id, ord, goal_id
-    FROM matched m WHERE mode = 'exit'
-      AND NOT EXISTS (SELECT 1 FROM workflow_goal_achievements a
-                      WHERE a.workflow_enrollment_id = m.enrollment_id
-                        AND a.goal_config_id = m.goal_id)
-    ORDER BY enrollment_id, ord, goal_id
+    SELECT m.*, x.can_exit,
+           min(m.ord) FILTER (WHERE x.can_exit) OVER (PARTITION BY m.enrollment_id) AS exit_ord,
+           row_number() OVER (PARTITION BY m.enrollment_id, x.can_exit
+                              ORDER BY m.ord, m.goal_id) AS rn
+    FROM matched m CROSS JOIN LATERAL (
+        SELECT m.mode = 'exit' AND NOT EXISTS (
+            SELECT 1 FROM workflow_goal_achievements a
+            WHERE a.workflow_enrollment_id = m.enrollment_id AND a.goal_config_id = m.goal_id
+        ) AS can_exit
+    ) x
+), first_exit AS (
+    SELECT enrollment_id, ord, goal_id FROM ranked WHERE can_exit AND rn = 1
 ), exited AS (
     UPDATE workflow_enrollments e
        SET status = 'exited', exit_reason = 'goal_achieved', exited_at = now()
@@ -81,14 +87,14 @@ WITH ev AS (
      WHERE p.status = 'pending' AND p.enrollment_id IN (SELECT id FROM exited)
     RETURNING p.enrollment_id
 ), cancel_counts AS (
-    SELECT enrollment_id, count(*)::int AS n FROM cancelled GROUP BY enrollment_id
+    SELECT jsonb_object_agg(enrollment_id, n) AS m
+    FROM (SELECT enrollment_id, count(*)::int AS n FROM cancelled GROUP BY enrollment_id) c
 ), winners AS (
     -- measure goals met up to and including the enrolment's exit event, and the exit itself
     SELECT DISTINCT ON (m.enrollment_id, m.goal_id) m.*
-    FROM matched m LEFT JOIN first_exit f USING (enrollment_id)
-    WHERE (m.mode = 'measure' AND (f.ord IS NULL OR m.ord <= f.ord))
-       OR (m.mode = 'exit' AND m.goal_id = f.goal_id AND m.ord = f.ord
-           AND m.enrollment_id IN (SELECT id FROM exited))
+    FROM ranked m
+    WHERE (m.mode = 'measure' AND (m.exit_ord IS NULL OR m.ord <= m.exit_ord))
+       OR (m.can_exit AND m.rn = 1 AND m.enrollment_id IN (SELECT id FROM exited))
     ORDER BY m.enrollment_id, m.goal_id, m.ord
 ), inserted AS (
     INSERT INTO workflow_goal_achievements AS a
@@ -110,9 +116,10 @@ WITH ev AS (
                'enrollment_id', i.workflow_enrollment_id, 'goal_id', i.goal_config_id,
                'goal_type', i.goal_type, 'mode', i.metadata->>'mode',
                'achieved_at', i.achieved_at, 'trigger_event_id', i.metadata->>'event_id',
-               'cancelled_actions', COALESCE(c.n, 0))::text
-    FROM inserted i LEFT JOIN cancel_counts c  -- the exit's announcement carries the count
-      ON c.enrollment_id = i.workflow_enrollment_id AND i.metadata->>'mode' = 'exit'
+               'cancelled_actions', CASE WHEN i.metadata->>'mode' = 'exit' THEN COALESCE(
+                   ((SELECT m FROM cancel_counts) ->> i.workflow_enrollment_id::text)::int, 0)
+               ELSE 0 END)::text
+    FROM inserted i  -- the exit's announcement carries the count
     RETURNING id, payload
 ), published AS (
     DELETE FROM goalstream_outbox WHERE id = ANY($11::bigint[])
