@@ -17,6 +17,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -35,7 +36,7 @@ from goalstream.errors import TransientError
 from goalstream.evaluate import evaluate
 from goalstream.events import Decoded, Entry, EventDecoder, Invalid
 from goalstream.goals import Goal
-from goalstream.metrics import Metrics
+from goalstream.metrics import Metrics, observe_many
 from goalstream.settings import Settings
 from goalstream.sink import (
     DELETE_PUBLISHED,
@@ -366,13 +367,8 @@ class Worker:
     # -- bookkeeping ------------------------------------------------------------------------
 
     def _count_received(self, valid: list[Decoded], invalid: list[Invalid]) -> None:
-        counts: dict[tuple[str, str], int] = {}
-        for d in valid:
-            key = (d.entry.stream, d.event.type_name)
-            counts[key] = counts.get(key, 0) + 1
-        for i in invalid:
-            key = (i.entry.stream, "invalid")
-            counts[key] = counts.get(key, 0) + 1
+        counts = Counter((d.entry.stream, d.event.type_name) for d in valid)
+        counts.update((i.entry.stream, "invalid") for i in invalid)
         for (stream, event_type), n in counts.items():
             self.metrics.events_received.labels(stream, event_type).inc(n)
 
@@ -382,8 +378,10 @@ class Worker:
         self.processed += len(batch.entries)
         bound = batch.log
         m = self.metrics
-        for entry in batch.entries:
-            m.end_to_end_latency.observe(max(0.0, committed_at - entry.millis / 1000))
+        # Entries of a batch share their commit, and many their millisecond: observe each
+        # distinct latency once, with its count.
+        for millis, n in Counter(_millis_of(e.entry_id) for e in batch.entries).items():
+            observe_many(m.end_to_end_latency, max(0.0, committed_at - millis / 1000), n)
         for invalid in dead:
             m.dead_letters.labels(_reason_label(invalid.reason)).inc()
             bound.warning(
@@ -592,6 +590,10 @@ def _tenant_of(entry: Entry) -> str | None:
         return _TENANT_DECODER.decode(entry.data).tenant_id
     except (msgspec.DecodeError, RecursionError):  # malformed, too deep, not an object, ...
         return None
+
+
+def _millis_of(entry_id: str) -> int:
+    return int(entry_id[: entry_id.index("-")])
 
 
 def _reason_label(reason: str) -> str:
