@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
 from collections import Counter
@@ -26,17 +25,15 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from goalstream.cache import GoalCache
 from goalstream.consumer import StreamConsumer
-from goalstream.errors import TransientError
 from goalstream.evaluate import evaluate
 from goalstream.events import Decoded, Entry, EventDecoder, Invalid
 from goalstream.goals import Goal
 from goalstream.metrics import Metrics, observe_many
+from goalstream.outbox import relay_outbox
+from goalstream.retry import classify, compute_backoff
 from goalstream.settings import Settings
 from goalstream.sink import (
     DELETE_PUBLISHED,
@@ -54,46 +51,6 @@ _CLOSE_STEP_SECONDS = 3.0
 _PIPELINE_DEPTH = 2
 # How often the worker relays orphaned outbox rows and samples the group's backlog.
 _HOUSEKEEPING_SECONDS = 5.0
-
-
-def compute_backoff(attempt: int, *, base: float = 0.1, cap: float = 10.0) -> float:
-    """Exponential backoff with full jitter: a random delay in [0, min(cap, base * 2^attempt)]."""
-    return random.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
-
-
-def classify(exc: BaseException) -> str:
-    """'transient' (retry the same work), 'entry' (the data is at fault) or 'fatal'."""
-    if isinstance(exc, TransientError | OSError | TimeoutError | RedisConnectionError):
-        return "transient"
-    if isinstance(exc, RedisTimeoutError | asyncpg.InterfaceError):
-        return "transient"
-    if isinstance(
-        exc,
-        asyncpg.PostgresConnectionError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError
-        | asyncpg.SerializationError
-        | asyncpg.DeadlockDetectedError
-        | asyncpg.QueryCanceledError
-        | asyncpg.AdminShutdownError
-        | asyncpg.LockNotAvailableError,
-    ):
-        return "transient"
-    if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
-        return "entry"
-    if isinstance(exc, ResponseError):
-        # Redis said no. Loading, failing over, busy: wait. Anything else (a key of the wrong
-        # type, a denied command) will say no forever, and retrying a half-applied MULTI would
-        # repeat its other commands: stop loudly so an operator sees it.
-        return "transient" if str(exc).startswith(_REDIS_WAIT_REPLIES) else "fatal"
-    if isinstance(exc, RedisError | asyncpg.PostgresError):
-        # Schema missing, permissions, and the like: not the entry's fault, and not fixed by
-        # dead-lettering it. Hold the batch and retry; an operator has to act.
-        return "transient"
-    return "fatal"
-
-
-_REDIS_WAIT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN")
 
 
 class Worker:
@@ -610,27 +567,6 @@ def _goal_type_of(payload: str) -> str:
         return "unknown"
     start += len(marker)
     return payload[start : payload.find('"', start)]
-
-
-async def relay_outbox(
-    pool: asyncpg.Pool | None, consumer: StreamConsumer, older_than_seconds: float
-) -> int:
-    """Publish outbox rows left behind by a worker that died after its commit; return count."""
-    if pool is None:
-        return 0
-    async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            "SELECT id, payload FROM goalstream_outbox"
-            " WHERE created_at < now() - make_interval(secs => $1)"
-            " ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED",
-            older_than_seconds,
-        )
-        if not rows:
-            return 0
-        await consumer.publish([Announcement(r["id"], r["payload"]) for r in rows])
-        await conn.execute(DELETE_PUBLISHED, [r["id"] for r in rows])
-    log.info("relayed orphaned announcements", count=len(rows))
-    return len(rows)
 
 
 async def run_worker(

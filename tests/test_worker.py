@@ -255,7 +255,7 @@ async def test_pending_entries_are_reread_on_start(world: World) -> None:
 async def test_orphaned_outbox_rows_are_relayed(world: World) -> None:
     """An announcement committed but never published (worker died) is published later."""
     from goalstream.consumer import StreamConsumer
-    from goalstream.worker import relay_outbox
+    from goalstream.outbox import relay_outbox
 
     await world.db.execute(
         "INSERT INTO goalstream_outbox (achievement_id, payload, created_at)"
