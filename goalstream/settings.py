@@ -34,6 +34,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "json"
     log_level: str = "INFO"
     stats_cache_ttl_seconds: int = 300
+    stats_rate_limit_per_minute: int = 60
     admin_host: str = "127.0.0.1"
     admin_port: int = 8080
     metrics_port: int = 9108
@@ -67,7 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("GOALSTREAM_STREAMS must name at least one stream")
         if len(set(self.streams)) != len(self.streams):
             raise ConfigError("GOALSTREAM_STREAMS names a stream twice")
-        for name in ("batch_size", "max_deliveries"):
+        for name in ("batch_size", "max_deliveries", "stats_rate_limit_per_minute"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GOALSTREAM_{name.upper()} must be at least 1")
         if self.block_ms < 1 or self.claim_idle_ms < 1:

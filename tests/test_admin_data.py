@@ -255,7 +255,9 @@ async def test_stats_rate_limit_is_per_tenant_and_shared_by_processes(
     limited = await alice.request("GET", path)
     assert limited.status_code == 429
     assert 1 <= int(limited.headers["retry-after"]) <= 60
-    async with AsyncTestClient(create_app(settings, rate_limit=5)) as other_process:
+    # Another admin process, its limit from GOALSTREAM_STATS_RATE_LIMIT_PER_MINUTE.
+    configured = msgspec.structs.replace(settings, stats_rate_limit_per_minute=5)
+    async with AsyncTestClient(create_app(configured)) as other_process:
         again = await other_process.get(path, headers=alice.headers)
         assert again.status_code == 429
     assert (await bob.request("GET", bob.goals_path() + "/stats")).status_code == 200

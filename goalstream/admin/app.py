@@ -35,7 +35,6 @@ from goalstream.admin.db import create_pool
 from goalstream.admin.observe import HttpMetrics, MetricsMiddleware
 from goalstream.admin.routes import GoalController, field_in
 from goalstream.admin.stats import (
-    DEFAULT_RATE_LIMIT,
     DEFAULT_RATE_WINDOW_SECONDS,
     RateLimiter,
     StatsCache,
@@ -125,12 +124,14 @@ async def metrics(state: State) -> Response[bytes]:
 def create_app(
     settings: Settings,
     *,
-    rate_limit: int = DEFAULT_RATE_LIMIT,
+    rate_limit: int | None = None,
     rate_window_seconds: int = DEFAULT_RATE_WINDOW_SECONDS,
     pool_size: int = 10,
 ) -> Litestar:
     """The admin API for `settings`; it connects to PostgreSQL and Redis in its lifespan."""
     http_metrics = HttpMetrics()
+    if rate_limit is None:
+        rate_limit = settings.stats_rate_limit_per_minute * rate_window_seconds // 60
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
