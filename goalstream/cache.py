@@ -104,13 +104,13 @@ def freeze_index() -> None:
 
 
 async def load_index(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: asyncpg.Connection,
     *,
     tenant: uuid.UUID | None = None,
     workflow: uuid.UUID | None = None,
 ) -> GoalIndex:
     """Every live goal, indexed; optionally only a tenant's or a workflow's."""
-    goals, _ = goals_from_rows(await conn.fetch(_LOAD))
+    goals, _ = await fetch_goals(conn)
     return GoalIndex(
         g
         for g in goals

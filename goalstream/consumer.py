@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from goalstream import constants
-from goalstream.events import Entry, Invalid
+from goalstream.events import Entry, Invalid, as_text, entry_id_key
 from goalstream.settings import Settings
 from goalstream.sink import Announcement
 
@@ -108,10 +108,10 @@ class StreamConsumer:
                 del self._own_cursor[stream]
                 continue
             ids: list[StreamIdT] = [p["message_id"] for p in pending]
-            self._own_cursor[stream] = "(" + _text(ids[-1])
+            self._own_cursor[stream] = "(" + as_text(ids[-1])
             claimed = await self.redis.xclaim(stream, self.group, self.name, 0, ids)
-            counts = {_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
-            entries += await self._with_counts(stream, claimed, counts, [_text(i) for i in ids])
+            counts = {as_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
+            entries += await self._with_counts(stream, claimed, counts, [as_text(i) for i in ids])
         return entries
 
     async def claim_idle(self) -> list[Entry]:
@@ -127,15 +127,15 @@ class StreamConsumer:
                 start_id=cursor,
                 count=self.settings.batch_size,
             )
-            next_cursor, claimed = _text(reply[0]), reply[1]
-            deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+            next_cursor, claimed = as_text(reply[0]), reply[1]
+            deleted = [as_text(i) for i in reply[2]] if len(reply) > 2 else []
             if deleted:  # Redis 7 already dropped them from the PEL; say so and move on
                 log.warning("claimed entries were deleted", stream=stream, ids=deleted)
             if next_cursor == "0-0":
                 self._claim_cursor.pop(stream, None)
             else:
                 self._claim_cursor[stream] = next_cursor
-            real = [_text(i) for i, _ in claimed if i is not None]
+            real = [as_text(i) for i, _ in claimed if i is not None]
             if not claimed:
                 continue
             counts = await self._delivery_counts(stream, real)
@@ -154,9 +154,14 @@ class StreamConsumer:
         # Entries this consumer already holds can sit in the same id range: leave room for them.
         room = len(ids) + self.settings.batch_size * 8
         pending = await self.redis.xpending_range(
-            stream, self.group, min(ids, key=_id_key), max(ids, key=_id_key), room, self.name
+            stream,
+            self.group,
+            min(ids, key=entry_id_key),
+            max(ids, key=entry_id_key),
+            room,
+            self.name,
         )
-        return {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return {as_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
     async def _with_counts(
         self,
@@ -171,7 +176,7 @@ class StreamConsumer:
         for entry_id, fields in claimed:
             if entry_id is None:
                 continue  # Redis 6.2: a deleted entry, found below by its absence
-            text = _text(entry_id)
+            text = as_text(entry_id)
             data = fields.get(constants.DATA_FIELD) if fields else None
             entries.append(Entry(stream, text, data, counts.get(text, 1)))
         returned = {e.entry_id for e in entries}
@@ -187,7 +192,7 @@ class StreamConsumer:
         pending = await self.redis.xpending_range(
             stream, self.group, start, upper, self.settings.batch_size * 4, self.name
         )
-        return [_text(p["message_id"]) for p in pending]
+        return [as_text(p["message_id"]) for p in pending]
 
     async def _ack_if_deleted(self, stream: str, ids: list[str]) -> None:
         """Acknowledge pending ids whose entries no longer exist: there is nothing to process."""
@@ -205,7 +210,7 @@ class StreamConsumer:
             except ResponseError:
                 continue
             for consumer in consumers:
-                name = _text(consumer["name"])
+                name = as_text(consumer["name"])
                 if name == self.name or int(consumer["pending"]) or int(consumer["idle"]) < idle_ms:
                     continue
                 # Check and delete atomically: DELCONSUMER would drop pending entries.
@@ -280,15 +285,6 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #pending > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _now_iso() -> str:

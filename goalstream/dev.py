@@ -41,6 +41,7 @@ from goalstream import apikeys, demo
 from goalstream import log as logsetup
 from goalstream.consumer import StreamConsumer
 from goalstream.errors import ConfigError
+from goalstream.events import entry_id_key
 from goalstream.migrate import migrate
 from goalstream.settings import Settings
 
@@ -277,11 +278,6 @@ async def http_status(host: str, port: int, path: str) -> int | None:
 # -- the demo --------------------------------------------------------------------------------
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def publish(
     redis: aioredis.Redis,
     events: demo.DemoEvents,
@@ -297,7 +293,7 @@ async def publish(
                 pipe.xadd(stream_of(event_type), {"data": body})
             ids = await pipe.execute()
         for (event_type, _), entry_id in zip(chunk, ids, strict=True):
-            published.setdefault(stream_of(event_type), []).append(_id_key(entry_id.decode()))
+            published.setdefault(stream_of(event_type), []).append(entry_id_key(entry_id.decode()))
         advance(len(chunk))
     return published
 
@@ -312,7 +308,7 @@ async def processed(
             if info["name"] in (group, group.encode()):
                 last = info["last-delivered-id"]
                 last = last.decode() if isinstance(last, bytes) else str(last)
-                delivered = bisect.bisect_right(ids, _id_key(last))
+                delivered = bisect.bisect_right(ids, entry_id_key(last))
                 done += max(0, delivered - int(info["pending"]))
     return done
 

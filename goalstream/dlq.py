@@ -8,11 +8,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from goalstream.events import as_text
 from goalstream.settings import Settings
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def with_occurred_at(data: bytes, entry_id: str) -> bytes:
@@ -42,8 +39,8 @@ async def list_dead(
     entries: Any = await redis.xrange(settings.dlq_stream, count=count)
     out = []
     for dlq_id, fields in entries:
-        item = {_text(k): _text(v) for k, v in fields.items()}
-        item["dlq_id"] = _text(dlq_id)
+        item = {as_text(k): as_text(v) for k, v in fields.items()}
+        item["dlq_id"] = as_text(dlq_id)
         out.append(item)
     return out
 
@@ -69,11 +66,11 @@ async def requeue(
             targets += found
     moved: list[tuple[str, str]] = []
     for dlq_id, fields in targets:
-        stream = _text(fields[b"stream"])
-        data = with_occurred_at(fields.get(b"data", b""), _text(fields.get(b"entry_id", b"")))
+        stream = as_text(fields[b"stream"])
+        data = with_occurred_at(fields.get(b"data", b""), as_text(fields.get(b"entry_id", b"")))
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(stream, {"data": data})
             pipe.xdel(settings.dlq_stream, dlq_id)
             new_id, _ = await pipe.execute()
-        moved.append((_text(dlq_id), _text(new_id)))
+        moved.append((as_text(dlq_id), as_text(new_id)))
     return moved

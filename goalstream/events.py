@@ -125,6 +125,17 @@ _DATA_TYPES: dict[str, type[msgspec.Struct]] = {
 }
 
 
+def entry_id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (`ms-seq`, or bare `ms`) as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def as_text(value: object) -> str:
+    """A Redis reply value (bytes, or already text) as text."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 class Entry(msgspec.Struct, frozen=True):
     """One stream entry as read from Redis: where it came from and its raw `data` field."""
 
@@ -136,7 +147,7 @@ class Entry(msgspec.Struct, frozen=True):
     @property
     def millis(self) -> int:
         """The entry id's time part: when Redis accepted the entry, in ms since the epoch."""
-        return int(self.entry_id.split("-", 1)[0])
+        return int(self.entry_id[: self.entry_id.index("-")])
 
 
 class Decoded(msgspec.Struct, frozen=True):

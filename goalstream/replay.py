@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from goalstream.cache import load_index
 from goalstream.consumer import StreamConsumer
 from goalstream.evaluate import evaluate
-from goalstream.events import Decoded, Entry, EventDecoder
+from goalstream.events import Decoded, Entry, EventDecoder, entry_id_key
 from goalstream.goals import Goal
 from goalstream.settings import Settings
 from goalstream.sink import DELETE_PUBLISHED, CommitResult, commit_batch
@@ -100,17 +100,12 @@ async def _merged_batches(readers: list[_StreamReader], size: int) -> Any:
             return
         batch: list[Entry] = []
         while len(batch) < size and live:
-            head = min(live, key=lambda r: _key(r.buffer[0].entry_id))
+            head = min(live, key=lambda r: entry_id_key(r.buffer[0].entry_id))
             batch.append(head.buffer.pop(0))
             if not head.buffer:
                 await head.fill()
                 live = [r for r in readers if r.buffer]
         yield batch
-
-
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
 
 
 async def replay(

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+from goalstream.events import as_text, entry_id_key
 
 
 def _after(entry_id: str) -> str:
-    ms, seq = _id_key(entry_id)
+    ms, seq = entry_id_key(entry_id)
     return f"{ms}-{seq + 1}"
 
 
@@ -37,12 +29,12 @@ async def safe_min_id(redis: aioredis.Redis, stream: str, cutoff_ms: int) -> str
     if not groups:
         return "0-0"  # no group has started yet: a worker may still want all of it
     for group in groups:
-        name = _text(group["name"])
-        bounds = [_after(_text(group["last-delivered-id"]))]
+        name = as_text(group["name"])
+        bounds = [_after(as_text(group["last-delivered-id"]))]
         summary = await redis.xpending(stream, name)
         if summary["pending"]:
-            bounds.append(_text(summary["min"]))
-        floor = min([floor, *bounds], key=_id_key)
+            bounds.append(as_text(summary["min"]))
+        floor = min([floor, *bounds], key=entry_id_key)
     return floor
 
 
